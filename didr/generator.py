@@ -1,0 +1,30 @@
+"""The one-step generator g_theta(z, c) (ALGORITHM.md section 1)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from didr.backbones.base import Conditioning, Denoiser
+
+
+class OneStepGenerator(nn.Module):
+    """x0 = D_theta(z, t*, c): a trainable denoiser evaluated once at a fixed conditioning time t*.
+
+    As in DMD2 and DI++, the input is the noise z itself (unit Gaussian, the sample space's shape) fed as x_{t*};
+    at initialisation g is the teacher's own x0-prediction at t*.
+    """
+
+    def __init__(self, body: Denoiser, t_star: float, guidance: float = 1.0):
+        super().__init__()
+        if not 0 < t_star <= 1:
+            raise ValueError(f"t_star must lie in (0, 1], got {t_star}")
+        self.body, self.t_star, self.guidance = body, t_star, guidance
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.body.sample_shape
+
+    def forward(self, z: Tensor, cond: Conditioning) -> Tensor:
+        t = torch.full((z.shape[0],), self.t_star, device=z.device, dtype=z.dtype)
+        return self.body.x0(z, t, cond, self.guidance)
