@@ -8,6 +8,13 @@ from torch import Tensor, nn
 from didr.backbones.base import Conditioning, Denoiser
 
 
+def check_t_star(t_star: float) -> float:
+    """The conditioning time of a one-step generator must lie in (0, 1]."""
+    if not 0 < t_star <= 1:
+        raise ValueError(f"t_star must lie in (0, 1], got {t_star}")
+    return t_star
+
+
 class OneStepGenerator(nn.Module):
     """x0 = D_theta(z, t*, c): a trainable denoiser evaluated once at a fixed conditioning time t*.
 
@@ -17,9 +24,7 @@ class OneStepGenerator(nn.Module):
 
     def __init__(self, body: Denoiser, t_star: float, guidance: float = 1.0):
         super().__init__()
-        if not 0 < t_star <= 1:
-            raise ValueError(f"t_star must lie in (0, 1], got {t_star}")
-        self.body, self.t_star, self.guidance = body, t_star, guidance
+        self.body, self.t_star, self.guidance = body, check_t_star(t_star), guidance
 
     @property
     def sample_shape(self) -> tuple[int, ...]:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from didr.backbones.base import Conditioning, Denoiser
 from didr.diffusion import Schedule, expand_like
+from didr.generator import check_t_star
 
 
 def gaussian_posterior_mean(x_t: Tensor, a: Tensor, s: Tensor, mean: Tensor, cov: Tensor) -> Tensor:
@@ -89,7 +90,7 @@ class GaussianDenoiser(Denoiser):
 
     def make_generator(self, t_star: float, guidance: float = 1.0) -> AffineGenerator:
         """The affine map z -> m_{t*}(z) of this reference's posterior mean at t*, made trainable in full."""
-        t = torch.tensor([t_star], dtype=self.mean.dtype)
+        t = torch.tensor([check_t_star(t_star)], dtype=self.mean.dtype)
         a, s = self.schedule.alpha_sigma(t)
         eye = torch.eye(self.mean.numel(), dtype=self.mean.dtype)
         with torch.no_grad():

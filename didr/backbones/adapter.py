@@ -1,0 +1,79 @@
+"""Shared machinery of the diffusers adapters: frozen parts kept out of the module tree, VAE decoding, copies."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from didr.backbones.base import Conditioning, Denoiser
+from didr.backbones.text import PromptEncoder
+from didr.backbones.tuning import autocast, check_precision
+from didr.diffusion import Schedule
+
+
+class FrozenParts:
+    """The frozen text towers and VAE of an adapter: a plain holder, so they are not parameters of the adapter
+    and trainable copies share them instead of duplicating them."""
+
+    def __init__(self, text: PromptEncoder, vae: nn.Module | None = None):
+        self.text, self.vae = text, vae
+        if vae is not None:
+            vae.requires_grad_(False).eval()
+
+    @property
+    def modules(self) -> list[nn.Module]:
+        return self.text.modules + ([] if self.vae is None else [self.vae])
+
+
+class DiffusersDenoiser(Denoiser):
+    """A Denoiser over one diffusers network `net`; only `net` is registered, so parameters() are the network's.
+
+    Moving the adapter (`.to`, `.cuda`, ...) moves the frozen parts too, shared copies included.
+    """
+
+    def __init__(self, net: nn.Module, schedule: Schedule, text: PromptEncoder, vae: nn.Module | None, precision: str):
+        super().__init__()
+        self.net, self.schedule = net, schedule
+        self.frozen_parts = FrozenParts(text, vae)
+        self.precision = check_precision(precision)
+        size = net.config.sample_size
+        self.sample_shape = (int(net.config.in_channels), *((size, size) if isinstance(size, int) else size))
+
+    def autocast(self) -> Any:
+        """bf16 autocast around network calls when precision is 'bf16'."""
+        return autocast(self.precision, self.device)
+
+    def native(self, x_t: Tensor, **kwargs: Any) -> Tensor:
+        """net(x_t, **kwargs) under the adapter's precision, in x_t's dtype; a learned-variance half is dropped."""
+        with self.autocast():
+            out = self.net(x_t, return_dict=False, **kwargs)[0]
+        if out.shape[1] == 2 * x_t.shape[1]:
+            out = out[:, : x_t.shape[1]]
+        return out.to(x_t.dtype)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        return self.frozen_parts.text(prompts).to(self.device)
+
+    def decode(self, x0: Tensor) -> Tensor:
+        """Pixel models: (x0 + 1) / 2. Latent models: (vae.decode(x0 / scaling_factor + shift_factor) + 1) / 2."""
+        vae = self.frozen_parts.vae
+        if vae is None:
+            return super().decode(x0)
+        latents = x0 / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+        with self.autocast():
+            image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return (image.to(x0.dtype) + 1) / 2
+
+    def trainable_copy(self) -> DiffusersDenoiser:
+        """Deep-copies the network only; the frozen text towers and VAE are shared with this adapter."""
+        clone = copy.deepcopy(self, {id(self.frozen_parts): self.frozen_parts})
+        clone.requires_grad_(True)
+        return clone.train()
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> DiffusersDenoiser:
+        for module in self.frozen_parts.modules:
+            module._apply(fn, recurse)
+        return super()._apply(fn, recurse)

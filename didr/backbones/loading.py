@@ -1,0 +1,163 @@
+"""Build a Denoiser from a diffusers pipeline folder (model_index.json) or a hub id at a pinned revision."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from didr.backbones.adapter import DiffusersDenoiser
+from didr.backbones.flow import SD3FlowDenoiser
+from didr.backbones.pixart import PixArtDenoiser
+from didr.backbones.text import PromptEncoder, TextTower
+from didr.backbones.unet import UNetDenoiser
+from didr.diffusion import FlowSchedule, VPSchedule
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+TOWERS = ("", "_2", "_3")
+TEXT = tuple(f"{kind}{suffix}" for suffix in TOWERS for kind in ("tokenizer", "text_encoder"))
+COMPONENTS = ("unet", "transformer", "scheduler", "vae", *TEXT)
+
+
+class ModelUnavailableError(RuntimeError):
+    """A hub model that is neither in the local cache nor downloadable (offline or unreachable hub)."""
+
+
+def text_towers(components: Mapping[str, Any], clip_layer: int | None, t5_length: int | None) -> list[TextTower]:
+    """The (tokenizer, text_encoder), (tokenizer_2, text_encoder_2), ... pairs present, CLIP read at `clip_layer`."""
+    towers = []
+    for suffix in TOWERS:
+        encoder = components.get(f"text_encoder{suffix}")
+        if encoder is not None:
+            clip = encoder.config.model_type.startswith("clip")
+            towers.append(
+                TextTower(
+                    components[f"tokenizer{suffix}"],
+                    encoder,
+                    hidden_layer=clip_layer if clip else None,
+                    max_length=None if clip else t5_length,
+                )
+            )
+    return towers
+
+
+def _vp_prediction(components: Mapping[str, Any]) -> tuple[VPSchedule, str]:
+    config = components["scheduler"].config
+    return VPSchedule.from_scheduler_config(config), config.get("prediction_type", "epsilon")
+
+
+def _unet(pipeline: str, components: Mapping[str, Any], precision: str) -> DiffusersDenoiser:
+    """SD1.5 / SD2 read CLIP's last_hidden_state; two-encoder (SDXL) pipelines read hidden_states[-2]."""
+    schedule, prediction_type = _vp_prediction(components)
+    clip_layer = -2 if components.get("text_encoder_2") is not None else None
+    text = PromptEncoder(text_towers(components, clip_layer, None))
+    return UNetDenoiser(components["unet"], schedule, text, components.get("vae"), prediction_type, precision)
+
+
+def _pixart(pipeline: str, components: Mapping[str, Any], precision: str) -> DiffusersDenoiser:
+    """T5 with its attention mask, 120 tokens (PixArt-alpha) or 300 (PixArt-sigma), as diffusers' pipelines."""
+    schedule, prediction_type = _vp_prediction(components)
+    if prediction_type != "epsilon":
+        raise ValueError(f"PixArt adapters predict epsilon; the scheduler says {prediction_type!r}")
+    text = PromptEncoder(text_towers(components, None, 300 if "Sigma" in pipeline else 120), mask=True)
+    vae = components.get("vae")
+    scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    return PixArtDenoiser(components["transformer"], schedule, text, vae, precision, vae_scale_factor=scale)
+
+
+def _sd3(pipeline: str, components: Mapping[str, Any], precision: str) -> DiffusersDenoiser:
+    """SD3: CLIP hidden_states[-2] concatenated, padded to joint_attention_dim, then T5 (256 tokens) appended."""
+    net = components["transformer"]
+    schedule = FlowSchedule(int(components["scheduler"].config["num_train_timesteps"]))
+    text = PromptEncoder(text_towers(components, -2, 256), width=int(net.config.joint_attention_dim))
+    return SD3FlowDenoiser(net, schedule, text, components.get("vae"), precision)
+
+
+Builder = Callable[[str, Mapping[str, Any], str], DiffusersDenoiser]
+ADAPTERS: dict[str, Builder] = {
+    "UNet2DConditionModel": _unet,
+    "PixArtTransformer2DModel": _pixart,
+    "SD3Transformer2DModel": _sd3,
+}
+
+
+def network_class(index: Mapping[str, Any]) -> str:
+    """The class name of the pipeline's denoising network ('unet' or 'transformer' entry)."""
+    for key in ("unet", "transformer"):
+        spec = index.get(key)
+        if isinstance(spec, list) and spec[-1] is not None:
+            return spec[-1]
+    return "<none>"
+
+
+def adapter_for(name: str, source: str) -> Builder:
+    """The adapter builder of network class `name`; ValueError naming the class and where it was read."""
+    if name not in ADAPTERS:
+        raise ValueError(f"{source}: unknown network class {name!r}; supported: {sorted(ADAPTERS)}")
+    return ADAPTERS[name]
+
+
+def denoiser_from_components(
+    pipeline: str, components: Mapping[str, Any], precision: str = "fp32"
+) -> DiffusersDenoiser:
+    """The adapter for loaded pipeline components (e.g. `pipe.components`) of pipeline class `pipeline`."""
+    net = components.get("unet")
+    net = components.get("transformer") if net is None else net
+    return adapter_for(type(net).__name__, f"{pipeline} components")(pipeline, components, precision)
+
+
+def _offline() -> bool:
+    import huggingface_hub.constants as hub
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
+    return hub.is_offline_mode() or flag in {"1", "ON", "YES", "TRUE"}
+
+
+def resolve_source(source: str | Path, revision: str | None) -> Path:
+    """A local pipeline folder, or the cached / downloaded snapshot of hub id `source` at `revision`."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"{path} has no model_index.json: not a diffusers pipeline folder")
+        return path
+    if not (isinstance(source, str) and HUB_ID.match(source)):
+        raise FileNotFoundError(f"model folder not found: {path}")
+    if revision is None:
+        raise ValueError(f"hub model {source!r} needs a pinned revision (a commit hash); no local folder {path} exists")
+    from huggingface_hub import snapshot_download
+
+    offline = _offline()
+    try:
+        return Path(snapshot_download(source, revision=revision, local_files_only=offline))
+    except Exception as err:
+        state = "offline (HF_HUB_OFFLINE)" if offline else "unreachable"
+        raise ModelUnavailableError(
+            f"model {source!r} at revision {revision!r} is not in the local Hugging Face cache and the hub is {state} "
+            f"({type(err).__name__})"
+        ) from err
+
+
+def load_component(folder: Path, name: str, spec: list[str]) -> Any:
+    """One component through its own class's from_pretrained(folder, subfolder=name)."""
+    library, class_name = spec
+    return getattr(importlib.import_module(library), class_name).from_pretrained(folder, subfolder=name)
+
+
+def load_denoiser(
+    source: str | Path, revision: str | None = None, precision: str = "fp32", device: str = "cpu"
+) -> DiffusersDenoiser:
+    """The Denoiser of a diffusers pipeline: local folder with model_index.json, or hub id at a pinned revision."""
+    folder = resolve_source(source, revision)
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text())
+    build = adapter_for(network_class(index), str(index_file))
+    components = {
+        key: load_component(folder, key, index[key])
+        for key in COMPONENTS
+        if isinstance(index.get(key), list) and index[key][0] is not None
+    }
+    return build(index["_class_name"], components, precision).to(device)

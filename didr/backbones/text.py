@@ -1,0 +1,108 @@
+"""Frozen prompt encoders: tokenizer + text-encoder towers (CLIP, CLIP with projection, T5) to a backbone's embeds.
+
+Embedding keys: "hidden" [B, L, D] (the cross-attention context), "pooled" [B, P] (concatenated CLIP projections,
+when some tower has one) and "mask" [B, L] (token attention mask, for backbones that take one).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from didr.backbones.base import Conditioning
+
+
+@dataclass
+class TextTower:
+    """One tokenizer and its text encoder.
+
+    `hidden_layer` None takes last_hidden_state (SD1.5, T5); an int indexes hidden_states (SDXL and SD3 use -2).
+    `max_length` caps the tokenizer's own window (PixArt feeds T5 120 tokens, SD3 256).
+    """
+
+    tokenizer: Any
+    encoder: nn.Module
+    hidden_layer: int | None = None
+    max_length: int | None = None
+
+    @property
+    def window(self) -> int:
+        own = int(self.tokenizer.model_max_length)
+        return own if self.max_length is None else min(own, self.max_length)
+
+    @property
+    def is_clip(self) -> bool:
+        return self.encoder.config.model_type.startswith("clip")
+
+    def too_long(self, prompts: list[str]) -> list[str]:
+        """The prompts whose tokens (special tokens included) overflow the window."""
+        ids = self.tokenizer(prompts, truncation=True, max_length=self.window + 1)["input_ids"]
+        return [p for p, i in zip(prompts, ids, strict=True) if len(i) > self.window]
+
+    def encode(self, prompts: list[str], use_mask: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+        """(hidden [B, L, D], projected pooled [B, P] or None, attention mask [B, L]) for the prompts."""
+        tokens = self.tokenizer(
+            prompts, padding="max_length", max_length=self.window, truncation=True, return_tensors="pt"
+        ).to(self.encoder.device)
+        mask = tokens["attention_mask"] if use_mask else None
+        out = self.encoder(tokens["input_ids"], attention_mask=mask, output_hidden_states=self.hidden_layer is not None)
+        hidden = out.last_hidden_state if self.hidden_layer is None else out.hidden_states[self.hidden_layer]
+        return hidden, getattr(out, "text_embeds", None), tokens["attention_mask"]
+
+
+class PromptEncoder:
+    """Frozen text towers combined as SDXL / SD3 do.
+
+    CLIP towers' hidden states are concatenated along features; other towers (T5) are appended along the sequence,
+    every block zero-padded to the widest feature size or to `width` (SD3's joint_attention_dim). "pooled" is the
+    concatenation of the CLIP projections. A plain object, not an nn.Module, so that adapters can share it.
+    """
+
+    def __init__(self, towers: Sequence[TextTower], width: int | None = None, mask: bool = False):
+        if not towers:
+            raise ValueError("PromptEncoder needs at least one (tokenizer, text encoder) tower")
+        self.towers, self.width, self.mask = list(towers), width, mask
+        for tower in self.towers:
+            tower.encoder.requires_grad_(False).eval()
+
+    @property
+    def modules(self) -> list[nn.Module]:
+        return [tower.encoder for tower in self.towers]
+
+    @torch.no_grad()
+    def embed(self, prompts: list[str]) -> dict[str, Tensor]:
+        """The embedding dict of a list of prompts (no negative)."""
+        outs = [(tower, *tower.encode(prompts, self.mask)) for tower in self.towers]
+        clip = [o for o in outs if o[0].is_clip]
+        blocks = [(torch.cat([o[1] for o in clip], dim=-1), clip[0][3])] if clip else []
+        blocks += [(o[1], o[3]) for o in outs if not o[0].is_clip]
+        width = self.width or max(h.shape[-1] for h, _ in blocks)
+        embeds = {"hidden": torch.cat([F.pad(h, (0, width - h.shape[-1])) for h, _ in blocks], dim=1)}
+        pooled = [o[2] for o in outs if o[2] is not None]
+        if pooled:
+            embeds["pooled"] = torch.cat(pooled, dim=-1)
+        if self.mask:
+            embeds["mask"] = torch.cat([m for _, m in blocks], dim=1)
+        return embeds
+
+    def __call__(self, prompts: Sequence[str]) -> Conditioning:
+        """Embeddings of the prompts, with those of the empty prompt repeated over the batch as `negative`."""
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("cannot encode an empty list of prompts")
+        for tower in self.towers:
+            for prompt in tower.too_long(prompts):
+                warnings.warn(
+                    f"prompt {prompt[:60]!r} is longer than the {tower.window}-token window of "
+                    f"{type(tower.tokenizer).__name__}; it is truncated",
+                    stacklevel=3,
+                )
+        empty = self.embed([""])
+        negative = {k: v.expand(len(prompts), *v.shape[1:]) for k, v in empty.items()}
+        return Conditioning(prompts, self.embed(prompts), negative)
