@@ -65,12 +65,25 @@ class VPSchedule(Schedule):
 
     @classmethod
     def from_scheduler_config(cls, config: Mapping[str, Any]) -> VPSchedule:
-        """Build from a diffusers scheduler config (DDPM, DDIM, Euler, ...), reusing diffusers' own beta tables."""
+        """Build from a diffusers scheduler config (DDPM, DDIM, Euler, ...), reusing diffusers' own beta tables.
+
+        A zero-terminal-SNR config (rescale_betas_zero_snr) keeps its last abar at 2^-24, as diffusers' samplers do.
+        """
         from diffusers import DDPMScheduler
 
-        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+        keys = (
+            "num_train_timesteps",
+            "beta_start",
+            "beta_end",
+            "beta_schedule",
+            "trained_betas",
+            "rescale_betas_zero_snr",
+        )
         scheduler = DDPMScheduler(**{k: config[k] for k in keys if config.get(k) is not None})
-        return cls(scheduler.alphas_cumprod)
+        abar = scheduler.alphas_cumprod.clone()
+        if config.get("rescale_betas_zero_snr"):
+            abar[-1] = 2**-24  # as diffusers' Euler / DPM samplers do for a zero terminal SNR
+        return cls(abar)
 
     def abar(self, t: Tensor) -> Tensor:
         """alphas_cumprod read at continuous time t (log-linear interpolation between grid points)."""

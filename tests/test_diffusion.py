@@ -510,3 +510,15 @@ def test_time_sampler_factory():
 def test_time_samplers_reject_bad_args(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_zero_terminal_snr_config_is_honoured():
+    """rescale_betas_zero_snr (SD2.1-v style) must reach the schedule: abar_T is 2^-24, not the plain table's."""
+    config = {**D.sd_vp_config(), "rescale_betas_zero_snr": True}
+    schedule = D.VPSchedule.from_scheduler_config(config)
+    expected = DDPMScheduler(**config).alphas_cumprod.double()
+    abar = schedule.abar(torch.linspace(0, 1, 1000, dtype=torch.float64))
+    assert abar[-1].item() == pytest.approx(2**-24, rel=1e-6)
+    torch.testing.assert_close(abar[:-1], expected[:-1], rtol=1e-6, atol=0)
+    plain = D.VPSchedule.from_scheduler_config(D.sd_vp_config()).abar(torch.ones(1, dtype=torch.float64))
+    assert plain.item() > 1e-3

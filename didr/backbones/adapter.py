@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,6 +21,10 @@ class FrozenParts:
         self.text, self.vae = text, vae
         if vae is not None:
             vae.requires_grad_(False).eval()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FrozenParts:
+        """Every copy of an adapter (trainable copies, the generator's EMA) shares the frozen parts."""
+        return self
 
     @property
     def modules(self) -> list[nn.Module]:
@@ -66,12 +69,6 @@ class DiffusersDenoiser(Denoiser):
         with self.autocast():
             image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
         return (image.to(x0.dtype) + 1) / 2
-
-    def trainable_copy(self) -> DiffusersDenoiser:
-        """Deep-copies the network only; the frozen text towers and VAE are shared with this adapter."""
-        clone = copy.deepcopy(self, {id(self.frozen_parts): self.frozen_parts})
-        clone.requires_grad_(True)
-        return clone.train()
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> DiffusersDenoiser:
         for module in self.frozen_parts.modules:

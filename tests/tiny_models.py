@@ -1,0 +1,188 @@
+"""Tiny random-initialised diffusers pipelines (fixed seed), saved with the real pipelines' save_pretrained.
+
+Every text tower uses an offline tokenizer over lowercase letters with a 16-token window, so a prompt of more than
+14 letters is truncated. Each build takes well under a second on the CPU.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    PixArtAlphaPipeline,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+
+WINDOW = 16
+LETTERS = string.ascii_lowercase
+
+
+def clip_tokenizer() -> CLIPTokenizer:
+    """Character-level CLIP BPE (no merges): every letter is a token, word-final letters carry </w>."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in [*LETTERS, *(c + "</w>" for c in LETTERS)]:
+        vocab[token] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=WINDOW)
+
+
+def t5_tokenizer() -> T5Tokenizer:
+    """Unigram T5 tokenizer over word-initial and inner letters."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("▁" + c, -1.0) for c in LETTERS] + [(c, -2.0) for c in LETTERS]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=WINDOW)
+
+
+def clip_encoder(hidden: int, projection: bool) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=2 + 2 * len(LETTERS),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=WINDOW,
+        projection_dim=hidden,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def t5_encoder(d_model: int) -> T5EncoderModel:
+    config = T5Config(
+        vocab_size=3 + 2 * len(LETTERS), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=4
+    )
+    return T5EncoderModel(config)
+
+
+def tiny_vae(shift_factor: float | None = None, scaling_factor: float = 0.5) -> AutoencoderKL:
+    """16x16 RGB <-> 4 x 8 x 8 latents."""
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+    )
+
+
+def vp_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    """SD1.5's scaled-linear betas, no clipping (so pred_original_sample is the raw conversion)."""
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+
+
+def save_sd(folder: Path, prediction_type: str = "epsilon", latent: bool = False, seed: int = 0):
+    """SD-style: UNet2DConditionModel (32, 64) over 3 x 16 x 16 pixels, or 4 x 8 x 8 latents with a tiny VAE."""
+    torch.manual_seed(seed)
+    channels = 4 if latent else 3
+    unet = UNet2DConditionModel(
+        sample_size=8 if latent else 16,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=2,
+        norm_num_groups=8,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae() if latent else None,
+        text_encoder=clip_encoder(32, projection=False),
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=vp_scheduler(prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    return pipe
+
+
+def save_pixart(folder: Path, seed: int = 0) -> PixArtAlphaPipeline:
+    """PixArt-style: PixArtTransformer2DModel (learned sigma, 8 output channels) + T5 + tiny VAE."""
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(
+        sample_size=8,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        in_channels=4,
+        out_channels=8,
+        patch_size=2,
+        cross_attention_dim=16,
+        caption_channels=32,
+        norm_num_groups=None,
+    )
+    pipe = PixArtAlphaPipeline(
+        tokenizer=t5_tokenizer(),
+        text_encoder=t5_encoder(32),
+        vae=tiny_vae(),
+        transformer=transformer,
+        scheduler=vp_scheduler(),
+    )
+    pipe.save_pretrained(folder)
+    return pipe
+
+
+def save_sd3(folder: Path, seed: int = 0) -> StableDiffusion3Pipeline:
+    """SD3-style: SD3Transformer2DModel + FlowMatchEuler; CLIP 16 + CLIP 32 (padded to 64) then T5 64; shifted VAE."""
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=64,
+        caption_projection_dim=16,
+        pooled_projection_dim=48,
+        pos_embed_max_size=16,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny_vae(shift_factor=0.1, scaling_factor=1.5),
+        text_encoder=clip_encoder(16, projection=True),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=clip_encoder(32, projection=True),
+        tokenizer_2=clip_tokenizer(),
+        text_encoder_3=t5_encoder(64),
+        tokenizer_3=t5_tokenizer(),
+    )
+    pipe.save_pretrained(folder)
+    return pipe
