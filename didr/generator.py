@@ -31,5 +31,6 @@ class OneStepGenerator(nn.Module):
         return self.body.sample_shape
 
     def forward(self, z: Tensor, cond: Conditioning) -> Tensor:
+        """x0 = D_theta(z, t*, c) with the generator's own guidance scale."""
         t = torch.full((z.shape[0],), self.t_star, device=z.device, dtype=z.dtype)
         return self.body.x0(z, t, cond, self.guidance)

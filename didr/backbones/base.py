@@ -36,6 +36,8 @@ class Conditioning:
         return Conditioning([self.prompts[int(i)] for i in index], take, negative)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Conditioning:
+        """The same conditioning on `device`; floating tensors cast to `dtype` when given."""
+
         def move(d: dict[str, Tensor]) -> dict[str, Tensor]:
             return {
                 k: v.to(device, dtype if (dtype is not None and v.is_floating_point()) else v.dtype)

@@ -15,6 +15,7 @@ class SD3FlowDenoiser(DiffusersDenoiser):
     """
 
     def predict_x0(self, x_t: Tensor, t: Tensor, embeds: dict[str, Tensor]) -> Tensor:
+        """Rectified flow: the transformer predicts v = eps - x0 at timestep 1000 t; x0 = x_t - t v."""
         v = self.native(
             x_t,
             encoder_hidden_states=embeds["hidden"],

@@ -68,6 +68,7 @@ class GaussianDenoiser(Denoiser):
         return self.factor @ self.factor.T
 
     def predict_x0(self, x_t: Tensor, t: Tensor, embeds: dict[str, Tensor]) -> Tensor:
+        """The exact posterior mean m_t(x_t) of N(mean, cov)."""
         a, s = self.schedule.alpha_sigma(t.to(x_t.dtype))
         return gaussian_posterior_mean(x_t, a, s, self.mean, self.cov)
 
@@ -109,6 +110,7 @@ class AffineGenerator(nn.Module):
         self.sample_shape = (bias.numel(),)
 
     def forward(self, z: Tensor, cond: Conditioning) -> Tensor:
+        """x0 = W z + c (prompts are ignored)."""
         return z @ self.weight.T + self.bias
 
     def law(self) -> tuple[Tensor, Tensor]:
@@ -132,6 +134,7 @@ class AffineFakeScore(Denoiser):
         self.register_buffer("_device_anchor", torch.zeros(()), persistent=False)
 
     def predict_x0(self, x_t: Tensor, t: Tensor, embeds: dict[str, Tensor]) -> Tensor:
+        """The exact posterior mean under the generator's current law N(c, W W^T)."""
         mean, cov = self._generator[0].law()
         a, s = self.schedule.alpha_sigma(t.to(x_t.dtype))
         return gaussian_posterior_mean(x_t, a, s, mean, cov)

@@ -39,6 +39,7 @@ class PixArtDenoiser(DiffusersDenoiser):
         return {"resolution": resolution, "aspect_ratio": aspect}
 
     def predict_x0(self, x_t: Tensor, t: Tensor, embeds: dict[str, Tensor]) -> Tensor:
+        """VP eps-prediction (learned-variance half dropped): x0 = (x_t - s eps) / a."""
         eps = self.native(
             x_t,
             encoder_hidden_states=embeds["hidden"],

@@ -32,6 +32,7 @@ class UNetDenoiser(DiffusersDenoiser):
         self.prediction_type = prediction_type
 
     def predict_x0(self, x_t: Tensor, t: Tensor, embeds: dict[str, Tensor]) -> Tensor:
+        """eps: x0 = (x_t - s eps) / a; v: x0 = a x_t - s v (SDXL's text_embeds / time_ids pass through)."""
         added = {k: embeds[k] for k in ("text_embeds", "time_ids") if k in embeds}
         out = self.native(
             x_t,

@@ -40,6 +40,7 @@ def draw_noisy(x0: Tensor, denoiser: Denoiser, time_sampling: TimeSampler, gener
 
 
 def check_weighting(weighting: str) -> str:
+    """The weighting name, if it is one of WEIGHTINGS."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting: unknown value {weighting!r}; choose one of {list(WEIGHTINGS)}")
     return weighting
@@ -67,6 +68,7 @@ def reward_at(reward: Reward, denoiser: Denoiser, x0: Tensor, cond: Conditioning
 
 
 def check_positive(name: str, value: float, allow_zero: bool = False) -> float:
+    """`value` if it is > 0 (or >= 0 with allow_zero); else ValueError naming the parameter."""
     if not (value >= 0 if allow_zero else value > 0):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
     return value
