@@ -1,0 +1,130 @@
+"""What every stage reads and writes: prompt files, embedding shards, weights, params; all writes atomic."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import Tensor, nn
+
+from didr.backbones.base import Conditioning
+
+
+class StageInputError(ValueError):
+    """A stage's input is missing or malformed; the message names the file."""
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; on success it replaces `out`, on error it is removed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def save_weights(module: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """A module's state dict as safetensors, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+        save_file(state, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def load_weights(module: nn.Module, path: Path) -> None:
+    """Load safetensors weights into `module`; StageInputError naming the file if missing or of another shape."""
+    if not path.is_file():
+        raise StageInputError(f"{path}: checkpoint not found")
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise StageInputError(f"{path}: not a readable safetensors file ({error})") from None
+    own = module.state_dict()
+    if set(state) != set(own):
+        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        raise StageInputError(f"{path}: weights of another model (missing {missing[:3]}, unexpected {extra[:3]})")
+    for key, value in state.items():
+        if value.shape != own[key].shape:
+            raise StageInputError(f"{path}: {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
+    module.load_state_dict(state)
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Non-empty lines of a UTF-8 prompt file; StageInputError naming the file if missing, not UTF-8 or empty."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise StageInputError(f"{path}: prompt file not found") from None
+    except UnicodeDecodeError as error:
+        raise StageInputError(f"{path}: not UTF-8 (byte {error.start})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise StageInputError(f"{path}: no prompts")
+    return prompts
+
+
+def save_embeddings(cond: Conditioning, folder: Path, name: str, shard_size: int = 4096) -> list[Path]:
+    """Encoded prompts as safetensors shards `{name}-00000.safetensors`, prompts in each shard's metadata."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for start in range(0, len(cond), shard_size):
+        index = torch.arange(start, min(start + shard_size, len(cond)))
+        part = cond.select(index).to("cpu")
+        tensors = {f"embeds.{k}": v.contiguous() for k, v in part.embeds.items()}
+        tensors |= {f"negative.{k}": v.contiguous() for k, v in (part.negative or {}).items()}
+        path = folder / f"{name}-{start // shard_size:05d}.safetensors"
+        save_file(tensors, path, metadata={"prompts": json.dumps(part.prompts)})
+        paths.append(path)
+    return paths
+
+
+def load_embeddings(folder: Path, name: str) -> Conditioning:
+    """The Conditioning saved by save_embeddings, shards concatenated in order."""
+    shards = sorted(folder.glob(f"{name}-*.safetensors"))
+    if not shards:
+        raise StageInputError(f"{folder}: no '{name}' embedding shards (run the teacher stage)")
+    prompts: list[str] = []
+    embeds: dict[str, list[Tensor]] = {}
+    negative: dict[str, list[Tensor]] = {}
+    for shard in shards:
+        with safe_open(shard, "pt") as f:
+            prompts += json.loads(f.metadata()["prompts"])
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                group, sub = key.split(".", 1)
+                (embeds if group == "embeds" else negative).setdefault(sub, []).append(f.get_tensor(key))
+    return Conditioning(
+        prompts,
+        {k: torch.cat(v) for k, v in embeds.items()},
+        {k: torch.cat(v) for k, v in negative.items()} or None,
+    )

@@ -1,0 +1,132 @@
+"""params.yaml checking, stage I/O (atomic folders, prompt files, embedding shards, weights) and Pareto fronts."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from didr.backbones.base import Conditioning
+from didr.config import ConfigError, load_params
+from didr.evaluation.pareto import dominates, hypervolume, pareto_front
+from didr.stages.io import (
+    StageInputError,
+    atomic_dir,
+    load_embeddings,
+    load_weights,
+    read_prompts,
+    save_embeddings,
+    save_weights,
+)
+from didr.toy.data import prompt_sets
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_repository_params_and_prompt_files_are_valid_and_in_sync():
+    params = load_params(ROOT / "params.yaml")
+    train, evaluation = prompt_sets()
+    assert read_prompts(ROOT / params.prompts.train) == train
+    assert read_prompts(ROOT / params.prompts.eval) == evaluation
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("align:\n  stpes: 3\n", "align.stpes: unknown key"),
+        ("align:\n  steps: 0\n", "align.steps must be >= 1"),
+        ("align:\n  drs_t_max: 1.5\n", "align.drs_t_max must lie in (0, 1]"),
+        ("teacher:\n  kind: ve\n", "teacher.kind must be"),
+        ("warmup:\n  t_star: abc\n", "warmup.t_star: expected float"),
+        ("rewards:\n  eval: toy_aesthetic\n", "rewards.eval: expected a list"),
+        ("seed: true\n", "seed: expected int"),
+        ("- 1\n- 2\n", "expected a mapping at the top level"),
+    ],
+)
+def test_bad_params_name_the_file_and_the_key(tmp_path, text, key):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    message = str(info.value)
+    assert message.startswith(str(path)) and key in message and "\n" not in message
+
+
+def test_unreadable_params_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("seed: 0 # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="UTF-8"):
+        load_params(bad)
+
+
+def test_prompt_files_fail_clearly(tmp_path):
+    with pytest.raises(StageInputError, match="not found"):
+        read_prompts(tmp_path / "missing.txt")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(StageInputError, match=f"{empty}: no prompts"):
+        read_prompts(empty)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("a caf\xe9\n".encode("latin-1"))
+    with pytest.raises(StageInputError, match=f"{latin}: not UTF-8"):
+        read_prompts(latin)
+
+
+def test_atomic_dir_leaves_nothing_behind_on_error_and_replaces_on_success(tmp_path):
+    out = tmp_path / "stage"
+    with pytest.raises(RuntimeError), atomic_dir(out) as tmp:
+        (tmp / "half.txt").write_text("half")
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    for text in ("first", "second"):
+        with atomic_dir(out) as tmp:
+            (tmp / "done.txt").write_text(text)
+    assert (out / "done.txt").read_text() == "second"
+    assert [p.name for p in tmp_path.iterdir()] == ["stage"]
+
+
+def test_embedding_shards_round_trip(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    cond = Conditioning(
+        [f"prompt {i}" for i in range(10)],
+        {"hidden": torch.randn(10, 4, 8, generator=g), "pooled": torch.randn(10, 8, generator=g)},
+        {"hidden": torch.zeros(10, 4, 8), "pooled": torch.ones(10, 8)},
+    )
+    paths = save_embeddings(cond, tmp_path, "train", shard_size=4)
+    assert [p.name for p in paths] == ["train-00000.safetensors", "train-00001.safetensors", "train-00002.safetensors"]
+    back = load_embeddings(tmp_path, "train")
+    assert back.prompts == cond.prompts
+    for key in cond.embeds:
+        assert torch.equal(back.embeds[key], cond.embeds[key])
+        assert torch.equal(back.negative[key], cond.negative[key])
+    with pytest.raises(StageInputError, match="no 'eval' embedding shards"):
+        load_embeddings(tmp_path, "eval")
+
+
+def test_weights_of_another_shape_or_model_fail_naming_the_file(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_weights(nn.Linear(3, 2), path)
+    target = nn.Linear(3, 2)
+    load_weights(target, path)
+    with pytest.raises(StageInputError, match=f"{path}: weight has shape"):
+        load_weights(nn.Linear(4, 2), path)
+    with pytest.raises(StageInputError, match=f"{path}: weights of another model"):
+        load_weights(nn.Sequential(nn.Linear(3, 2)), path)
+    with pytest.raises(StageInputError, match="checkpoint not found"):
+        load_weights(target, tmp_path / "none.safetensors")
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(StageInputError, match=f"{broken}: not a readable safetensors file"):
+        load_weights(target, broken)
+
+
+def test_pareto_front_and_hypervolume_by_hand():
+    points = [(1.0, 1.0), (2.0, 3.0), (3.0, 2.0), (2.0, 3.0 - 1e-9)]
+    assert pareto_front(points) == [0, 1]
+    # union of [1, 4] x [0, 1] and [2, 4] x [0, 3]: 3 + 6 - 2 = 7
+    assert hypervolume(points, reference=(4.0, 0.0)) == pytest.approx(7.0)
+    assert hypervolume([(5.0, 9.0)], reference=(4.0, 0.0)) == 0.0  # worse cost than the reference: no area
+    assert dominates([(1.0, 2.0), (2.0, 4.0)], [(1.5, 1.0), (2.0, 4.0)])
+    assert not dominates([(1.0, 2.0)], [(0.5, 1.0)])
