@@ -19,8 +19,8 @@ demo: $(STAMP)
 	$(VENV)/bin/didr demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check didr tests examples
-	$(VENV)/bin/ruff format --check didr tests examples
+	$(VENV)/bin/ruff check didr tests examples benchmarks
+	$(VENV)/bin/ruff format --check didr tests examples benchmarks
 
 test: lint
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider

@@ -64,6 +64,43 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stage(args: argparse.Namespace) -> int:
+    """Run one pipeline stage with the params file; each stage writes its outputs atomically."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from didr.config import load_params
+
+    transformers_logging.disable_progress_bar()  # the stages show their own progress; keep stderr for errors
+    diffusers_logging.disable_progress_bar()
+    params = load_params(args.params)
+    if args.command == "teacher":
+        from didr.stages.teacher import run_teacher
+
+        run_teacher(params, args.out, progress=not args.quiet)
+    elif args.command == "warmup":
+        from didr.stages.warmup import run_warmup
+
+        run_warmup(params, args.teacher, args.out, device=args.device, progress=not args.quiet)
+    elif args.command == "align":
+        from didr.stages.align import run_align
+
+        run_align(params, args.teacher, args.warmup, args.out, args.method, args.strength, args.device, not args.quiet)
+    elif args.command == "sample":
+        from didr.stages.sample import run_sample
+
+        run_sample(params, args.teacher, args.out, generator_dir=args.generator, device=args.device)
+    elif args.command == "score":
+        from didr.stages.score import run_score
+
+        run_score(params, args.teacher, args.samples, args.reference, args.out, device=args.device)
+    else:
+        from didr.stages.report import run_report
+
+        run_report(args.scores, args.samples, params.rewards.eval, args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="didr", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -75,14 +112,47 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--t-max", nargs="+", type=float, default=[0.98, 0.6])
     study.add_argument("--out", type=Path, default=Path("reports/closed_form_study.md"))
     study.set_defaults(run=demo)
+
+    def stage(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--params", type=Path, default=Path("params.yaml"), help="experiment parameters (YAML)")
+        sub.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
+        sub.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda:0', ...")
+        sub.add_argument("--quiet", action="store_true", help="no progress bars")
+        sub.set_defaults(run=_stage)
+        return sub
+
+    stage("teacher", "train / cache the teacher, the toy rewards and the prompt embeddings")
+    warmup = stage("warmup", "initialise the generator at t* and warm the fake score up on its samples")
+    warmup.add_argument("--teacher", type=Path, required=True)
+    align = stage("align", "one alignment run (resumes from its latest checkpoint)")
+    align.add_argument("--teacher", type=Path, required=True)
+    align.add_argument("--warmup", type=Path, required=True)
+    align.add_argument("--method", required=True, help="di, dipp, dmd2, didr or reward_only")
+    align.add_argument("--strength", type=float, default=0.0, help="beta (didr), alpha_rew (dipp), weight (dmd2)")
+    sample = stage("sample", "evaluation images from a one-step generator, or the teacher with N steps and CFG")
+    sample.add_argument("--teacher", type=Path, required=True)
+    sample.add_argument("--generator", type=Path, help="a warmup or align output; omit for the teacher reference")
+    score = stage("score", "per-image rewards and per-set fidelity of one sample set")
+    score.add_argument("--teacher", type=Path, required=True)
+    score.add_argument("--samples", type=Path, required=True)
+    score.add_argument("--reference", type=Path, required=True, help="the teacher's sample set")
+    report = stage("report", "metrics table, Pareto plots with hypervolumes, image grids")
+    report.add_argument("--scores", type=Path, nargs="+", required=True)
+    report.add_argument("--samples", type=Path, nargs="+", required=True, help="sample sets shown in the grid")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from didr.training.checkpoint import PREEMPTED_EXIT_CODE, Preempted
+
     try:
         return args.run(args)
-    except ValueError as error:
+    except Preempted as stop:
+        print(f"didr {args.command}: preempted, {stop}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    except (ValueError, FloatingPointError) as error:
         print(f"didr {args.command}: {error}", file=sys.stderr)
         return 2
 

@@ -21,11 +21,13 @@ class TeacherParams:
 
     kind: str = "vp"
     size: int = 16
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 32
     lr: float = 2e-3
-    n_images: int = 20000
+    n_images: int = 8192
     reward_seed: int = 0
+    reward_alignment_steps: int = 1200
+    reward_preference_steps: int = 800
 
 
 @dataclass
@@ -41,7 +43,7 @@ class RewardParams:
     """The training reward and the held-out evaluation rewards, by registry name."""
 
     train: str = "toy_preference"
-    eval: list[str] = field(default_factory=lambda: ["toy_preference", "toy_aesthetic", "toy_alignment"])
+    eval: list[str] = field(default_factory=lambda: ["toy_preference", "toy_aesthetic", "toy_alignment", "toy_utility"])
 
 
 @dataclass

@@ -1,0 +1,66 @@
+"""Set-level fidelity and diversity on features [N, D], in float64: FID, KID and mean pairwise distance."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _sqrt_psd(matrix: Tensor) -> Tensor:
+    """The symmetric PSD square root V diag(sqrt(max(l, 0))) V^T of a symmetric matrix."""
+    values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+    return (vectors * values.clamp(min=0).sqrt()) @ vectors.T
+
+
+def frechet_from_statistics(mean_a: Tensor, cov_a: Tensor, mean_b: Tensor, cov_b: Tensor) -> float:
+    """||m_a - m_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)), with tr (S_a S_b)^(1/2) = tr (S_a^(1/2) S_b S_a^(1/2))^(1/2)
+    (same eigenvalues, and the latter is symmetric PSD, so both roots are symmetric eigen-decompositions)."""
+    mean_a, cov_a, mean_b, cov_b = (t.double() for t in (mean_a, cov_a, mean_b, cov_b))
+    root_a = _sqrt_psd(cov_a)
+    inner = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    return float(((mean_a - mean_b) ** 2).sum() + cov_a.trace() + cov_b.trace() - 2 * inner)
+
+
+def _statistics(feats: Tensor) -> tuple[Tensor, Tensor]:
+    feats = feats.double()
+    if feats.ndim != 2 or feats.shape[0] < 2:
+        raise ValueError(f"features must be [N >= 2, D], got {tuple(feats.shape)}")
+    return feats.mean(0), torch.cov(feats.T).reshape(feats.shape[1], feats.shape[1])
+
+
+def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
+    """FID: the Frechet distance between Gaussians fitted to two feature sets (unbiased covariances)."""
+    return frechet_from_statistics(*_statistics(feats_a), *_statistics(feats_b))
+
+
+def kernel_distance(
+    feats_a: Tensor, feats_b: Tensor, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """KID: (mean, std) over random subsets of the unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3,
+    MMD^2 = sum_{i != j} (k(a_i, a_j) + k(b_i, b_j)) / (m (m - 1)) - 2 sum_{i, j} k(a_i, b_j) / m^2,
+    m = min(subset_size, N_a, N_b), subsets drawn without replacement with a seeded generator."""
+    feats_a, feats_b = feats_a.double(), feats_b.double()
+    m = min(subset_size, len(feats_a), len(feats_b))
+    if m < 2 or subsets < 1:
+        raise ValueError(f"KID needs subsets >= 1 and at least 2 features per set, got {subsets} and {m}")
+    d = feats_a.shape[1]
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(subsets):
+        a = feats_a[torch.randperm(len(feats_a), generator=generator)[:m]]
+        b = feats_b[torch.randperm(len(feats_b), generator=generator)[:m]]
+        k_aa, k_bb, k_ab = ((x @ y.T / d + 1) ** 3 for x, y in ((a, a), (b, b), (a, b)))
+        within = (k_aa.sum() - k_aa.trace() + k_bb.sum() - k_bb.trace()) / (m * (m - 1))
+        values.append(within - 2 * k_ab.mean())
+    scores = torch.stack(values)
+    return scores.mean().item(), (scores.std().item() if subsets > 1 else 0.0)
+
+
+def diversity(feats: Tensor) -> float:
+    """Mean pairwise L2 distance over distinct pairs, sum_{i != j} ||f_i - f_j|| / (N (N - 1)): the LPIPS-diversity
+    analogue."""
+    feats = feats.double()
+    n = len(feats)
+    if n < 2:
+        raise ValueError(f"diversity needs at least 2 features, got {n}")
+    return float(torch.cdist(feats, feats, compute_mode="donot_use_mm_for_euclid_dist").sum() / (n * (n - 1)))

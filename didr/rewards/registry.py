@@ -1,0 +1,101 @@
+"""Rewards by name, and weighted, normalised mixtures of them.
+
+Training and held-out evaluation rewards are chosen by name in params.yaml; `build_reward(name, **kwargs)` calls the
+registered factory. The toy rewards are registered here with factories that import `didr.toy.rewards` only when
+called, so this layer never imports the toy world above it. Each toy factory takes `folder` (the trained-rewards
+folder of `train_toy_rewards`); the analytic ones accept and ignore it, so one call builds any toy reward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from didr.rewards.base import Reward
+
+_FACTORIES: dict[str, Callable[..., Reward]] = {}
+
+
+def register_reward(name: str, factory: Callable[..., Reward]) -> None:
+    """Register `factory(**kwargs) -> Reward` under `name` (an existing name is replaced)."""
+    _FACTORIES[name] = factory
+
+
+def known_rewards() -> list[str]:
+    """The registered names, sorted."""
+    return sorted(_FACTORIES)
+
+
+def build_reward(name: str, **kwargs) -> Reward:
+    """The reward registered under `name`, built with `kwargs`; ValueError naming it and the known names otherwise."""
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(known_rewards())}")
+    return _FACTORIES[name](**kwargs)
+
+
+class RewardMixture:
+    """r(x, p) = sum_k w_k (r_k(x, p) - mean_k) / std_k; mean_k = 0 and std_k = 1 when no normalisation is given."""
+
+    def __init__(
+        self,
+        rewards: Mapping[str, Reward],
+        weights: Mapping[str, float],
+        normalisation: Mapping[str, tuple[float, float]] | None = None,
+    ):
+        if set(weights) != set(rewards):
+            raise ValueError(f"weights must name exactly the rewards {sorted(rewards)}, got {sorted(weights)}")
+        if normalisation is not None:
+            if set(normalisation) != set(rewards):
+                raise ValueError(
+                    f"normalisation must name exactly the rewards {sorted(rewards)}, got {sorted(normalisation)}"
+                )
+            for name, (_, std) in normalisation.items():
+                if not std > 0:
+                    raise ValueError(f"normalisation std of {name!r} must be > 0, got {std}")
+        self.rewards = dict(rewards)
+        self.weights = dict(weights)
+        self.normalisation = dict(normalisation) if normalisation is not None else {k: (0.0, 1.0) for k in rewards}
+
+    def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        total = 0
+        for name, reward in self.rewards.items():
+            mean, std = self.normalisation[name]
+            total = total + self.weights[name] * (reward(images, prompts) - mean) / std
+        return total
+
+
+def reward_statistics(reward: Reward, images: Tensor, prompts: Sequence[str]) -> tuple[float, float]:
+    """(mean, std) of a reward over a reference batch, to set a `RewardMixture`'s normalisation."""
+    with torch.no_grad():
+        scores = reward(images, prompts).double()
+    return scores.mean().item(), scores.std().item()
+
+
+def _toy_trained(name: str) -> Callable[..., Reward]:
+    def factory(folder: str | Path) -> Reward:
+        from didr.toy.rewards import load_toy_reward
+
+        return load_toy_reward(name, folder)
+
+    return factory
+
+
+def _toy_aesthetic(folder: str | Path | None = None) -> Reward:
+    from didr.toy.rewards import AestheticReward
+
+    return AestheticReward()
+
+
+def _toy_utility(folder: str | Path | None = None, size: int = 16) -> Reward:
+    from didr.toy.rewards import HiddenUtility
+
+    return HiddenUtility(size)
+
+
+register_reward("toy_alignment", _toy_trained("alignment"))
+register_reward("toy_preference", _toy_trained("preference"))
+register_reward("toy_aesthetic", _toy_aesthetic)
+register_reward("toy_utility", _toy_utility)

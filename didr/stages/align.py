@@ -1,0 +1,72 @@
+"""Stage `align`: one method at one strength, from the warm start; resumable, preemption-safe."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from didr.backbones.base import Denoiser
+from didr.config import AlignParams, Params
+from didr.diffusion import UniformTime
+from didr.objectives import DI, DIDR, DMD2, METHODS, DIPlusPlus, FakeScoreLoss, RewardOnly
+from didr.rewards.base import Reward
+from didr.stages.common import load_generator, load_prompts, load_reward, load_teacher, pick_device
+from didr.stages.io import load_weights, save_weights, write_text_atomic
+from didr.training.loop import align
+
+
+def method_objective(method: str, strength: float, teacher: Denoiser, fake: Denoiser, reward: Reward, a: AlignParams):
+    """The objective of `method`; `strength` is beta (didr), alpha_rew (dipp), the reward weight (dmd2)."""
+    times = UniformTime(a.t_min, a.t_max_sampling)
+    g = a.teacher_guidance
+    if method == "didr":
+        return DIDR(
+            teacher, fake, reward, beta=strength, drs=a.drs, drs_steps=a.drs_steps, t_max=a.drs_t_max,
+            time_sampling=times, teacher_guidance=g,
+        )  # fmt: skip
+    if method == "dipp":
+        return DIPlusPlus(teacher, fake, reward, alpha_rew=strength, time_sampling=times, teacher_guidance=g)
+    if method == "dmd2":
+        return DMD2(teacher, fake, times, teacher_guidance=g, reward=reward, reward_weight=strength)
+    if method == "di":
+        return DI(teacher, fake, times, teacher_guidance=g)
+    if method == "reward_only":
+        return RewardOnly(teacher, reward)
+    raise ValueError(f"method: unknown method {method!r}; choose one of {sorted(METHODS)}")
+
+
+def run_align(
+    params: Params,
+    teacher_dir: Path,
+    warmup_dir: Path,
+    out: Path,
+    method: str,
+    strength: float,
+    device: str = "auto",
+    progress: bool = True,
+) -> None:
+    """out/generator.safetensors (the EMA), out/fake.safetensors, out/metrics.parquet, out/checkpoints/."""
+    dev = pick_device(device)
+    teacher = load_teacher(teacher_dir, dev)
+    reward = load_reward(params.rewards.train, teacher_dir, dev)
+    generator = load_generator(teacher, warmup_dir).train()
+    fake = teacher.trainable_copy()
+    load_weights(fake, warmup_dir / "fake.safetensors")
+    a = params.align
+    objective = method_objective(method, strength, teacher, fake, reward, a)
+    t_star = generator.t_star
+    record = {
+        "stage": "align", "method": method, "strength": strength, "params": asdict(params),
+        "generator": {"t_star": t_star},
+    }  # fmt: skip
+    result = align(
+        generator, objective, load_prompts(teacher_dir, "train", dev), steps=a.steps, batch_size=a.batch_size,
+        fake=fake, fake_loss=FakeScoreLoss(fake, UniformTime(a.t_min, a.t_max_sampling)),
+        fake_updates=a.fake_updates, lr=a.lr, fake_lr=a.fake_lr, grad_clip=a.grad_clip, ema_decay=a.ema_decay,
+        seed=params.seed, checkpoint_dir=out / "checkpoints", checkpoint_every=a.checkpoint_every,
+        metrics_path=out / "metrics.parquet", params=record, resume=True, progress=progress,
+    )  # fmt: skip
+    save_weights(result.ema, out / "generator.safetensors")
+    save_weights(fake, out / "fake.safetensors")
+    write_text_atomic(out / "params.json", json.dumps(record, indent=1))

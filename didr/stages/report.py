@@ -1,0 +1,110 @@
+"""Stage `report`: the metrics table, reward-versus-fidelity Pareto plots with hypervolumes, and image grids."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+import pandas as pd
+import torch
+
+from didr.evaluation.pareto import hypervolume, pareto_front
+from didr.evaluation.sampling import image_grid
+from didr.stages.common import read_run_params
+from didr.stages.io import StageInputError, atomic_dir, write_text_atomic
+from didr.stages.score import load_images
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+REFERENCES = ("teacher", "one-step (warm start)")
+
+
+def collect(score_dirs: list[Path]) -> pd.DataFrame:
+    """One row per scored sample set, from each score stage's summary.json."""
+    rows = []
+    for folder in score_dirs:
+        path = folder / "summary.json"
+        if not path.is_file():
+            raise StageInputError(f"{path}: missing (run `didr score` first)")
+        rows.append(json.loads(path.read_text(encoding="utf-8")))
+    return pd.DataFrame(rows)
+
+
+def front_table(table: pd.DataFrame, reward: str, cost: str = "fid_real") -> pd.DataFrame:
+    """Per method: its points, its Pareto front and its dominated hypervolume, all against one reference point
+    (the worst cost and the worst reward over every set, references included)."""
+    reference = (float(table[cost].max()) * 1.05, float(table[f"{reward}_mean"].min()))
+    rows = []
+    for method, group in table[~table["method"].isin(REFERENCES)].groupby("method"):
+        points = list(zip(group[cost], group[f"{reward}_mean"], strict=True))
+        rows.append(
+            {
+                "reward": reward,
+                "method": method,
+                "points": len(points),
+                "front": [points[i] for i in pareto_front(points)],
+                "hypervolume": hypervolume(points, reference),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def plot_front(table: pd.DataFrame, fronts: pd.DataFrame, reward: str, path: Path, cost: str = "fid_real") -> None:
+    """Reward against FID: every set as a point, each method's front as a line, references as stars."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for method, group in table[~table["method"].isin(REFERENCES)].groupby("method"):
+        hv = float(fronts.loc[fronts["method"] == method, "hypervolume"].iloc[0])
+        (line,) = ax.plot(group[cost], group[f"{reward}_mean"], "o", label=f"{method} (HV {hv:.3g})")
+        front = fronts.loc[fronts["method"] == method, "front"].iloc[0]
+        ax.plot([c for c, _ in front], [r for _, r in front], "-", color=line.get_color())
+        for _, row in group.iterrows():
+            ax.annotate(f"{row['strength']:g}", (row[cost], row[f"{reward}_mean"]), fontsize=7)
+    for _, row in table[table["method"].isin(REFERENCES)].iterrows():
+        ax.plot(row[cost], row[f"{reward}_mean"], "*", markersize=12, label=row["method"])
+    ax.set_xlabel(f"{cost} (lower is better)")
+    ax.set_ylabel(f"{reward} (higher is better)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def grid_figure(sample_dirs: list[Path], path: Path, columns: int = 12) -> None:
+    """Rows = sample sets, columns = the same prompt and seed in each; prompts under the columns."""
+    images, index, labels = [], None, []
+    for folder in sample_dirs:
+        run = read_run_params(folder)
+        labels.append(f"{run['method']} {run['setting']}")
+        frame, pictures = load_images(folder)
+        images.append(pictures[:columns])
+        index = frame if index is None else index
+    columns = min(len(part) for part in images)
+    grid = image_grid(torch.cat([part[:columns] for part in images]), nrow=columns, scale=4)
+    fig, ax = plt.subplots(figsize=(columns * 0.9 + 2, len(sample_dirs) * 0.9 + 1))
+    ax.imshow(grid)
+    ax.set_yticks([(i + 0.5) * grid.height / len(labels) for i in range(len(labels))], labels, fontsize=7)
+    ax.set_xticks([(j + 0.5) * grid.width / columns for j in range(columns)])
+    ax.set_xticklabels([p.replace(" at the ", "\n").replace(" on ", "\non ") for p in index["prompt"][:columns]],
+                       fontsize=5)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def run_report(score_dirs: list[Path], sample_dirs: list[Path], rewards: list[str], out: Path) -> None:
+    """out/metrics.{parquet,csv,json}, out/fronts.csv, out/pareto_<reward>.png, out/grid.png."""
+    table = collect(score_dirs)
+    with atomic_dir(out) as tmp:
+        table.to_parquet(tmp / "metrics.parquet")
+        table.to_csv(tmp / "metrics.csv", index=False)
+        keyed = {f"{r['method']}/{r['setting']}": {k: v for k, v in r.items() if isinstance(v, int | float)}
+                 for r in table.to_dict("records")}  # fmt: skip
+        write_text_atomic(tmp / "metrics.json", json.dumps(keyed, indent=1))
+        fronts = pd.concat([front_table(table, reward) for reward in rewards], ignore_index=True)
+        fronts.assign(front=fronts["front"].astype(str)).to_csv(tmp / "fronts.csv", index=False)
+        for reward in rewards:
+            plot_front(table, fronts[fronts["reward"] == reward], reward, tmp / f"pareto_{reward}.png")
+        grid_figure(sample_dirs, tmp / "grid.png")

@@ -1,0 +1,83 @@
+"""Stage `score`: per-image rewards (training and held-out) and per-set fidelity against real and teacher images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch import Tensor
+
+from didr.config import Params
+from didr.evaluation.fidelity import diversity, frechet_distance, kernel_distance
+from didr.stages.common import load_reward, pick_device, read_run_params
+from didr.stages.io import StageInputError, atomic_dir, write_text_atomic
+from didr.toy.data import parse_prompt, render
+
+FEATURES = "toy_alignment"
+
+
+def load_images(sample_dir: Path) -> tuple[pd.DataFrame, Tensor]:
+    """A sample set's index and its images [N, 3, H, W] in [0, 1]."""
+    path = sample_dir / "index.parquet"
+    if not path.is_file():
+        raise StageInputError(f"{path}: missing (run `didr sample` first)")
+    index = pd.read_parquet(path)
+    arrays = [np.asarray(Image.open(sample_dir / p).convert("RGB")) for p in index["path"]]
+    return index, torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+
+
+def real_images(prompts: list[str], size: int, seed: int) -> Tensor:
+    """Rendered toy-world images for the prompts: the real data the fidelity metrics compare against."""
+    labels = torch.stack([parse_prompt(p) for p in prompts])
+    return (render(labels, size, torch.Generator().manual_seed(seed)) + 1) / 2
+
+
+def _batched(fn, images: Tensor, prompts: list[str], device: torch.device, batch: int = 256) -> Tensor:
+    with torch.no_grad():
+        return torch.cat(
+            [fn(images[i : i + batch].to(device), prompts[i : i + batch]).cpu() for i in range(0, len(images), batch)]
+        )
+
+
+def run_score(
+    params: Params, teacher_dir: Path, sample_dir: Path, reference_dir: Path, out: Path, device: str = "auto"
+) -> None:
+    """out/per_image.parquet (one row per image, one column per reward) and out/summary.json (set metrics)."""
+    dev = pick_device(device)
+    index, images = load_images(sample_dir)
+    _, teacher_images = load_images(reference_dir)
+    prompts = index["prompt"].tolist()
+    per_image = index.copy()
+    for name in params.rewards.eval:
+        per_image[name] = _batched(load_reward(name, teacher_dir, dev), images, prompts, dev).numpy()
+    scorer = load_reward(FEATURES, teacher_dir, dev)
+
+    def features(x: Tensor) -> Tensor:
+        return _batched(lambda im, _: scorer.features(im), x, prompts, dev).double()
+
+    ours, teacher = features(images), features(teacher_images)
+    real = features(real_images(prompts, images.shape[-1], params.seed))
+    kid_real, kid_real_std = kernel_distance(ours, real)
+    kid_teacher, _ = kernel_distance(ours, teacher)
+    run = read_run_params(sample_dir)
+    summary = {
+        "method": run["method"],
+        "setting": run["setting"],
+        "strength": run.get("strength"),
+        "sample_dir": str(sample_dir),
+        "images": len(index),
+        **{f"{name}_mean": float(per_image[name].mean()) for name in params.rewards.eval},
+        "fid_real": frechet_distance(ours, real),
+        "kid_real": kid_real,
+        "kid_real_std": kid_real_std,
+        "fid_teacher": frechet_distance(ours, teacher),
+        "kid_teacher": kid_teacher,
+        "diversity": diversity(ours),
+    }
+    with atomic_dir(out) as tmp:
+        per_image.to_parquet(tmp / "per_image.parquet")
+        write_text_atomic(tmp / "summary.json", json.dumps(summary, indent=1))

@@ -1,0 +1,46 @@
+"""Stage `teacher`: build and cache the teacher, the toy rewards and the prompt embeddings."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from didr.backbones.base import Conditioning, Denoiser
+from didr.backbones.loading import load_denoiser
+from didr.config import Params
+from didr.stages.io import atomic_dir, read_prompts, save_embeddings, write_text_atomic
+from didr.toy.rewards import train_toy_rewards
+from didr.toy.teacher import train_teacher
+
+
+def encode(teacher: Denoiser, prompts: list[str], batch_size: int = 256) -> Conditioning:
+    """Prompt embeddings in batches, concatenated."""
+    parts = [teacher.encode_prompts(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
+    negative = (
+        None if parts[0].negative is None else {k: torch.cat([p.negative[k] for p in parts]) for k in parts[0].negative}
+    )
+    return Conditioning(prompts, {k: torch.cat([p.embeds[k] for p in parts]) for k in parts[0].embeds}, negative)
+
+
+def run_teacher(params: Params, out: Path, progress: bool = True) -> None:
+    """out/pipeline (a diffusers pipeline folder), out/rewards, out/embeddings/{train,eval}-*.safetensors."""
+    prompts = {"train": read_prompts(Path(params.prompts.train)), "eval": read_prompts(Path(params.prompts.eval))}
+    t = params.teacher
+    with atomic_dir(out) as tmp:
+        training = train_teacher(
+            t.kind, tmp / "pipeline", steps=t.steps, batch_size=t.batch_size, lr=t.lr, seed=params.seed,
+            size=t.size, n_images=t.n_images, progress=progress,
+        )  # fmt: skip
+        rewards = train_toy_rewards(
+            tmp / "rewards", seed=t.reward_seed, size=t.size, progress=progress,
+            alignment_steps=t.reward_alignment_steps, preference_steps=t.reward_preference_steps,
+        )  # fmt: skip
+        teacher = load_denoiser(tmp / "pipeline").frozen()
+        with torch.no_grad():
+            for split, texts in prompts.items():
+                save_embeddings(encode(teacher, texts), tmp / "embeddings", split)
+        record = {"stage": "teacher", "params": asdict(params), "teacher": training, "rewards": rewards}
+        write_text_atomic(tmp / "params.json", json.dumps(record, indent=1, default=str))

@@ -1,0 +1,149 @@
+"""The six stages end to end through the `didr` command on a tiny params file, and their bad-input errors."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from didr.cli import main
+from didr.toy.data import prompt_sets
+
+TINY = {
+    "seed": 0,
+    "teacher": {"steps": 30, "batch_size": 16, "n_images": 256, "reward_alignment_steps": 60,
+                "reward_preference_steps": 40},
+    "warmup": {"steps": 4, "batch_size": 8},
+    "align": {"steps": 4, "batch_size": 4, "fake_updates": 1, "checkpoint_every": 2},
+    "sample": {"per_prompt": 2, "teacher_steps": 3},
+}  # fmt: skip
+
+
+def run(*args: str) -> int:
+    return main([*args, "--quiet"] if args[0] not in ("report",) else list(args))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny params file and prompt files, and the teacher and warm-up stages run once."""
+    root = tmp_path_factory.mktemp("world")
+    train, evaluation = prompt_sets()
+    (root / "train.txt").write_text("\n".join(train[:12]) + "\n")
+    (root / "eval.txt").write_text("\n".join(evaluation[:4]) + "\n")
+    params = {**TINY, "prompts": {"train": str(root / "train.txt"), "eval": str(root / "eval.txt")}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    p = ["--params", str(root / "params.yaml")]
+    assert run("teacher", *p, "--out", str(root / "teacher")) == 0
+    assert run("warmup", *p, "--teacher", str(root / "teacher"), "--out", str(root / "warmup")) == 0
+    return root, p
+
+
+def test_teacher_and_warmup_outputs(world):
+    root, _ = world
+    teacher = root / "teacher"
+    assert (teacher / "pipeline" / "model_index.json").is_file()
+    assert {p.name for p in (teacher / "rewards").iterdir()} >= {"alignment", "preference", "metrics.json"}
+    assert sorted(p.name for p in (teacher / "embeddings").iterdir()) == [
+        "eval-00000.safetensors",
+        "train-00000.safetensors",
+    ]
+    record = json.loads((teacher / "params.json").read_text())
+    assert record["params"]["teacher"]["steps"] == 30
+    assert {p.name for p in (root / "warmup").iterdir()} == {"generator.safetensors", "fake.safetensors", "params.json"}
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+
+def test_align_sample_score_report_chain(world):
+    root, p = world
+    teacher, warmup = str(root / "teacher"), str(root / "warmup")
+    runs = {"didr": "1.0", "dipp": "2.0"}
+    for method, strength in runs.items():
+        out = root / f"align-{method}"
+        assert run("align", *p, "--teacher", teacher, "--warmup", warmup, "--out", str(out),
+                   "--method", method, "--strength", strength) == 0  # fmt: skip
+        metrics = pd.read_parquet(out / "metrics.parquet")
+        assert metrics["step"].tolist() == [0, 1, 2, 3] and metrics["loss"].notna().all()
+        assert json.loads((out / "params.json").read_text())["method"] == method
+    assert "drs_norm" in pd.read_parquet(root / "align-didr" / "metrics.parquet")
+
+    sets = {"teacher": None, "warm": warmup, **{m: str(root / f"align-{m}") for m in runs}}
+    for name, generator in sets.items():
+        extra = [] if generator is None else ["--generator", generator]
+        assert run("sample", *p, "--teacher", teacher, *extra, "--out", str(root / f"samples-{name}")) == 0
+        index = pd.read_parquet(root / f"samples-{name}" / "index.parquet")
+        assert len(index) == 4 * 2 and all((root / f"samples-{name}" / path).is_file() for path in index["path"])
+    first = pd.read_parquet(root / "samples-didr" / "index.parquet")
+    assert first["prompt"].tolist() == pd.read_parquet(root / "samples-teacher" / "index.parquet")["prompt"].tolist()
+
+    for name in sets:
+        assert run("score", *p, "--teacher", teacher, "--samples", str(root / f"samples-{name}"),
+                   "--reference", str(root / "samples-teacher"), "--out", str(root / f"score-{name}")) == 0  # fmt: skip
+    summary = json.loads((root / "score-teacher" / "summary.json").read_text())
+    assert summary["fid_teacher"] == pytest.approx(0.0, abs=1e-3)  # the reference against itself (float64 noise)
+    assert summary["fid_real"] > 1.0
+    per_image = pd.read_parquet(root / "score-didr" / "per_image.parquet")
+    assert {"toy_preference", "toy_aesthetic", "toy_alignment", "toy_utility"} <= set(per_image.columns)
+
+    report = root / "report"
+    assert run("report", *p, "--scores", *[str(root / f"score-{n}") for n in sets],
+               "--samples", *[str(root / f"samples-{n}") for n in sets], "--out", str(report)) == 0  # fmt: skip
+    table = pd.read_csv(report / "metrics.csv")
+    assert sorted(table["method"]) == sorted(["teacher", "one-step (warm start)", "didr", "dipp"])
+    assert {f"pareto_{r}.png" for r in ("toy_preference", "toy_aesthetic", "toy_alignment", "toy_utility")} <= {
+        q.name for q in report.iterdir()
+    }
+    assert (report / "grid.png").stat().st_size > 1000
+    assert "didr/strength=1.0" in json.loads((report / "metrics.json").read_text())
+
+
+def test_align_resumes_instead_of_redoing(world, capsys):
+    root, p = world
+    out = root / "align-resume"
+    args = ["align", *p, "--teacher", str(root / "teacher"), "--warmup", str(root / "warmup"), "--out", str(out),
+            "--method", "didr", "--strength", "0.5"]  # fmt: skip
+    assert run(*args) == 0
+    first = (out / "generator.safetensors").read_bytes()
+    assert run(*args) == 0  # a finished run loads its final checkpoint and writes the same generator
+    assert (out / "generator.safetensors").read_bytes() == first
+
+
+def test_bad_inputs_fail_with_one_line_naming_the_file(world, capsys, tmp_path):
+    root, p = world
+    teacher = str(root / "teacher")
+
+    def error_of(*args: str) -> str:
+        assert run(*args) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err
+        return err
+
+    missing = tmp_path / "nowhere"
+    assert f"{missing}/params.json: missing" in error_of(
+        "align", *p, "--teacher", teacher, "--warmup", str(missing), "--out", str(tmp_path / "a"),
+        "--method", "didr", "--strength", "1",
+    )  # fmt: skip
+    assert "method: unknown method 'didrr'" in error_of(
+        "align", *p, "--teacher", teacher, "--warmup", str(root / "warmup"), "--out", str(tmp_path / "b"),
+        "--method", "didrr", "--strength", "1",
+    )  # fmt: skip
+    other = tmp_path / "other-warmup"
+    shutil.copytree(root / "warmup", other)
+    shutil.copy(root / "warmup" / "generator.safetensors", other / "fake.safetensors")
+    (other / "fake.safetensors").write_bytes((other / "fake.safetensors").read_bytes()[:100])
+    assert f"{other}/fake.safetensors: not a readable safetensors file" in error_of(
+        "align", *p, "--teacher", teacher, "--warmup", str(other), "--out", str(tmp_path / "c"),
+        "--method", "didr", "--strength", "1",
+    )  # fmt: skip
+    assert not (tmp_path / "c").exists() or not list((tmp_path / "c").rglob("*.safetensors"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    bad = yaml.safe_load(Path(p[1]).read_text())
+    bad["prompts"]["eval"] = str(empty)
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    assert f"{empty}: no prompts" in error_of(
+        "teacher", "--params", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "t")
+    )
+    assert not (tmp_path / "t").exists()
+    assert "no teacher pipeline" in error_of("sample", *p, "--teacher", str(missing), "--out", str(tmp_path / "s"))
