@@ -2,8 +2,9 @@
 
 Each method runs in its own process (so peak memory is its own): the toy VP teacher (UNet2DConditionModel at
 16x16, untrained weights cost the same as trained ones), a one-step generator and a fake score copied from it, the
-toy preference model as the reward, batch 16, one fake update per generator step. It times `--steps` generator
-steps after `--warmup` untimed ones and reports the median, with each method's ratio to `dipp`.
+toy preference model as the reward, batch 16, `--fake-updates` fake updates per generator step (TTUR).
+It times `--steps` generator steps after `--warmup` untimed ones and reports the median, with each method's ratio
+to `dipp`.
 Results are appended to benchmarks/RESULTS.md with the machine and the date.
 
 Run: python benchmarks/step_time.py [--steps 20] [--device cpu]
@@ -32,7 +33,7 @@ METHODS = {
 }
 
 
-def measure(method: str, steps: int, warmup: int, batch_size: int, device: str) -> dict[str, float]:
+def measure(method: str, steps: int, warmup: int, batch_size: int, fake_updates: int, device: str) -> dict[str, float]:
     """Median step seconds and peak memory (MiB: CUDA allocator peak on a GPU, process peak RSS on the CPU)."""
     import torch
 
@@ -69,7 +70,7 @@ def measure(method: str, steps: int, warmup: int, batch_size: int, device: str) 
         torch.cuda.reset_peak_memory_stats()
     align(
         generator, objective, prompts, steps=warmup + steps + 1, batch_size=batch_size, fake=fake,
-        fake_loss=FakeScoreLoss(fake, times), fake_updates=1, lr=1e-5, on_step=on_step,
+        fake_loss=FakeScoreLoss(fake, times), fake_updates=fake_updates, lr=1e-5, on_step=on_step,
     )  # fmt: skip
     step_times = [b - a for a, b in zip(stamps[warmup:-1], stamps[warmup + 1 :], strict=True)]
     if device.startswith("cuda"):
@@ -84,16 +85,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--fake-updates", type=int, default=1, help="fake-score updates per generator step (TTUR)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, args.steps, args.warmup, args.batch_size, args.device)))
+        print(json.dumps(measure(args.one, args.steps, args.warmup, args.batch_size, args.fake_updates, args.device)))
         return
     results = {}
-    for method in METHODS:
+    for method in args.methods:
         command = [sys.executable, __file__, "--one", method, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--batch-size", str(args.batch_size), "--device", args.device]  # fmt: skip
+                   "--batch-size", str(args.batch_size), "--fake-updates", str(args.fake_updates),
+                   "--device", args.device]  # fmt: skip
         results[method] = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
         print(method, results[method], flush=True)
     import torch
@@ -104,7 +108,8 @@ def main() -> None:
         "",
         f"Machine: {platform.machine()}, {platform.processor() or platform.platform()}, "
         f"{torch.get_num_threads()} torch threads, device {args.device}, torch {torch.__version__}. "
-        f"Toy VP teacher 16x16, batch {args.batch_size}, median of {args.steps} steps after {args.warmup}.",
+        f"Toy VP teacher 16x16, batch {args.batch_size}, {args.fake_updates} fake update(s) per generator step, "
+        f"median of {args.steps} steps after {args.warmup}.",
         "",
         "| method | s / step | x dipp | peak MiB | x dipp |",
         "|---|---|---|---|---|",
