@@ -60,7 +60,7 @@ class WarmupParams:
 class AlignParams:
     """One alignment run; `strength` is beta for didr, alpha_rew for dipp, the reward weight for dmd2."""
 
-    steps: int = 300
+    steps: int = 200
     batch_size: int = 16
     lr: float = 1e-4
     fake_lr: float = 1e-4

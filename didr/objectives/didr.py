@@ -14,7 +14,14 @@ from torch import Tensor
 
 from didr.backbones.base import Conditioning, Denoiser
 from didr.diffusion import UniformTime, expand_like
-from didr.objectives.common import TimeSampler, check_weighting, draw_noisy, matching_weight, pseudo_loss
+from didr.objectives.common import (
+    TimeSampler,
+    check_weighting,
+    draw_noisy,
+    matching_weight,
+    pseudo_loss,
+    reward_at,
+)
 from didr.objectives.drs import DiffusedRewardProxy, SuppliedDRS
 from didr.rewards.base import DRSFn, Reward
 
@@ -52,7 +59,7 @@ class DIDR:
             if reward is None:
                 raise ValueError(f"drs={drs!r} estimates the DRS from a reward: pass reward=")
             self.estimator = DiffusedRewardProxy(teacher, reward, beta, drs, drs_steps, teacher_guidance, checkpoint)
-        self.teacher, self.fake, self.t_max, self.gamma = teacher, fake, t_max, gamma
+        self.teacher, self.fake, self.t_max, self.gamma, self.reward = teacher, fake, t_max, gamma, reward
         self.time_sampling = time_sampling or UniformTime()
         self.weighting = check_weighting(weighting)
 
@@ -67,8 +74,12 @@ class DIDR:
         shift = expand_like(damping, x0) * noisy.s**2 / noisy.a * drs
         direction = x0_fake - (x0_ref + shift)
         loss = pseudo_loss(x0, direction, matching_weight(self.weighting, noisy, x0, x0_ref))
-        return loss, {
+        logs = {
             "loss_ikl": loss.mean().item(),
             "direction_norm": direction.flatten(1).norm(dim=1).mean().item(),
             "drs_norm": shift.flatten(1).norm(dim=1).mean().item(),
         }
+        if self.reward is not None:  # logged only, like the other methods' reward at the clean image
+            with torch.no_grad():
+                logs["reward"] = reward_at(self.reward, self.teacher, x0.detach(), cond).mean().item()
+        return loss, logs
