@@ -17,6 +17,7 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/didr demo
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/python benchmarks/embedded_run.py --out runs/embedded
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check didr tests examples benchmarks

@@ -1,9 +1,9 @@
 """The default embedded run, timed stage by stage: teacher, warm-up, a grid of alignment runs, sampling, scoring,
 report (issue 3's 15-minute target on 2 CPU cores). It calls the same `didr <stage>` commands a Snakemake rule runs.
 
-Run: python benchmarks/embedded_run.py --out runs/embedded [--grid didr=0.5,0.1 dipp=1,10 dmd2=1,10]
-A stage whose output folder exists is reused (delete it to redo it). Stage times are appended to
-benchmarks/RESULTS.md with the machine and the date.
+Run: python benchmarks/embedded_run.py --out runs/embedded [--grid didr=0.3,0.1 ...] [--results benchmarks/RESULTS.md]
+A stage whose output folder exists is reused (delete it to redo it); the report is always rebuilt.
+With --results, the stage times are appended to that file with the machine and the date.
 """
 
 from __future__ import annotations
@@ -12,16 +12,20 @@ import argparse
 import datetime
 import os
 import platform
+import shutil
 import subprocess
 import time
 from pathlib import Path
 
-DEFAULT_GRID = ["didr=0.5,0.1", "dipp=1,10", "dmd2=1,10"]
+DEFAULT_GRID = ["didr=0.3,0.1", "dipp=3,10", "dmd2=10,30"]
 
 
 def stage(args: list[str], out: Path, timings: dict[str, float], label: str) -> None:
-    """Run `didr <args> --out out` unless `out` exists; record the seconds it took."""
-    if out.exists():
+    """Run `didr <args> --out out` unless it finished before; record the seconds it took.
+
+    Stages write their folder atomically, so an existing folder is a finished one, except for align, whose folder
+    holds checkpoints while it runs: it is finished once its generator is written, and otherwise resumes."""
+    if (out / "generator.safetensors").exists() if label == "align" else out.exists():
         print(f"reuse {out}", flush=True)
         return
     start = time.perf_counter()
@@ -35,6 +39,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/embedded"))
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--grid", nargs="+", default=DEFAULT_GRID, help="method=strength,strength ...")
+    parser.add_argument("--results", type=Path, help="append the stage times to this file (benchmarks/RESULTS.md)")
     args = parser.parse_args()
     out, p = args.out, ["--params", args.params]
     timings: dict[str, float] = {}
@@ -58,6 +63,7 @@ def main() -> None:
         stage(["score", *p, "--teacher", str(teacher), "--samples", str(out / "samples" / name),
                "--reference", reference, "--quiet"], out / "scores" / name, timings, "score")  # fmt: skip
     report = out / "report"
+    shutil.rmtree(report, ignore_errors=True)  # the report depends on the whole grid: always rebuilt
     stage(["report", *p, "--scores", *[str(out / "scores" / n) for n in runs],
            "--samples", *[str(out / "samples" / n) for n in runs]], report, timings, "report")  # fmt: skip
     total = time.perf_counter() - start
@@ -68,8 +74,9 @@ def main() -> None:
         f"total {total:.0f} s ({total / 60:.1f} min).\n\n"
     )
     print(text)
-    results = Path(__file__).with_name("RESULTS.md")
-    results.write_text((results.read_text() if results.exists() else "# Benchmark results\n\n") + text)
+    if args.results is not None:
+        old = args.results.read_text() if args.results.exists() else "# Benchmark results\n\n"
+        args.results.write_text(old + text)
 
 
 if __name__ == "__main__":

@@ -4,24 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename, so no half-written file is ever left."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -29,6 +14,7 @@ def demo(args: argparse.Namespace) -> int:
     import torch
 
     from didr.closed_form_study import METHODS, markdown_table, run_one
+    from didr.stages.io import write_text_atomic
 
     torch.set_num_threads(1)
     grid = [
@@ -56,8 +42,8 @@ def demo(args: argparse.Namespace) -> int:
         "betas": args.betas,
         "t_max": args.t_max,
     }
-    _write_atomically(args.out, f"# Closed-form study\n\nParameters: `{json.dumps(params)}`\n\n{table}\n")
-    _write_atomically(
+    write_text_atomic(args.out, f"# Closed-form study\n\nParameters: `{json.dumps(params)}`\n\n{table}\n")
+    write_text_atomic(
         args.out.with_suffix(".json"), json.dumps({"params": params, "rows": [asdict(r) for r in rows]}, indent=1)
     )
     print(f"\nwrote {args.out} and {args.out.with_suffix('.json')}")

@@ -11,7 +11,6 @@ from didr.config import ConfigError, load_params
 from didr.evaluation.pareto import dominates, hypervolume, pareto_front
 from didr.stages.io import (
     StageInputError,
-    atomic_dir,
     load_embeddings,
     load_weights,
     read_prompts,
@@ -19,6 +18,7 @@ from didr.stages.io import (
     save_weights,
 )
 from didr.toy.data import prompt_sets
+from didr.training.atomic import atomic_dir
 
 ROOT = Path(__file__).parents[1]
 

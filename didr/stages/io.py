@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -16,50 +11,22 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
 
 from didr.backbones.base import Conditioning
+from didr.training.atomic import write_atomically
 
 
 class StageInputError(ValueError):
     """A stage's input is missing or malformed; the message names the file."""
 
 
-@contextlib.contextmanager
-def atomic_dir(out: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `out`; on success it replaces `out`, on error it is removed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    """Write `text` (UTF-8) to a temporary file beside `path`, then rename it into place."""
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def save_weights(module: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
     """A module's state dict as safetensors, written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-        save_file(state, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    write_atomically(path, lambda tmp: save_file(state, tmp, metadata=metadata))
 
 
 def load_weights(module: nn.Module, path: Path) -> None:

@@ -12,8 +12,9 @@ import torch
 from didr.evaluation.pareto import hypervolume, pareto_front
 from didr.evaluation.sampling import image_grid
 from didr.stages.common import read_run_params
-from didr.stages.io import StageInputError, atomic_dir, write_text_atomic
+from didr.stages.io import StageInputError, write_text_atomic
 from didr.stages.score import load_images
+from didr.training.atomic import atomic_dir
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt

@@ -12,7 +12,8 @@ import torch
 from didr.config import Params
 from didr.evaluation.sampling import sample_teacher, save_png
 from didr.stages.common import load_generator, load_prompts, load_teacher, pick_device, read_run_params
-from didr.stages.io import atomic_dir, write_text_atomic
+from didr.stages.io import write_text_atomic
+from didr.training.atomic import atomic_dir
 
 
 def run_sample(

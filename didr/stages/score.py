@@ -14,8 +14,9 @@ from torch import Tensor
 from didr.config import Params
 from didr.evaluation.fidelity import diversity, frechet_distance, kernel_distance
 from didr.stages.common import load_reward, pick_device, read_run_params
-from didr.stages.io import StageInputError, atomic_dir, write_text_atomic
+from didr.stages.io import StageInputError, write_text_atomic
 from didr.toy.data import parse_prompt, render
+from didr.training.atomic import atomic_dir
 
 FEATURES = "toy_alignment"
 

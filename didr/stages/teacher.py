@@ -11,9 +11,10 @@ import torch
 from didr.backbones.base import Conditioning, Denoiser
 from didr.backbones.loading import load_denoiser
 from didr.config import Params
-from didr.stages.io import atomic_dir, read_prompts, save_embeddings, write_text_atomic
+from didr.stages.io import read_prompts, save_embeddings, write_text_atomic
 from didr.toy.rewards import train_toy_rewards
 from didr.toy.teacher import train_teacher
+from didr.training.atomic import atomic_dir
 
 
 def encode(teacher: Denoiser, prompts: list[str], batch_size: int = 256) -> Conditioning:

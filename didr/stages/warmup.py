@@ -13,7 +13,8 @@ from didr.config import Params
 from didr.diffusion import UniformTime
 from didr.objectives import FakeScoreLoss
 from didr.stages.common import load_prompts, load_teacher, pick_device
-from didr.stages.io import atomic_dir, save_weights, write_text_atomic
+from didr.stages.io import save_weights, write_text_atomic
+from didr.training.atomic import atomic_dir
 
 
 def run_warmup(params: Params, teacher_dir: Path, out: Path, device: str = "auto", progress: bool = True) -> None:

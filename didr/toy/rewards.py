@@ -13,9 +13,6 @@ tensor-only preprocessing (bilinear resize to the trained size, then to [-1, 1])
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from didr.toy.data import ATTRIBUTES, VOCAB, all_labels, make_dataset, parse_prompt, prompt_of, render, sample_labels
+from didr.training.atomic import atomic_dir
 
 LUMA = (0.299, 0.587, 0.114)
 CLASSES = tuple(len(VOCAB[a]) for a in ATTRIBUTES)
@@ -362,23 +360,10 @@ def _train_toy_rewards(
     if progress:
         print(f"preference model: {json.dumps(metrics['preference'])}", flush=True)
         print(f"preference hack: {json.dumps(metrics['preference_hack'])}", flush=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
-        tmp.chmod(0o755)  # mkdtemp's 0o700 would otherwise stay on out_dir
+    with atomic_dir(out_dir) as tmp:
         save_toy_reward(alignment, tmp / "alignment")
         save_toy_reward(preference, tmp / "preference")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return metrics
 
 

@@ -16,10 +16,7 @@ chance); with zero terminal SNR, epsilon prediction cannot give x0 = (x_t - s ep
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +39,7 @@ from didr.diffusion import UniformTime, sd_vp_config
 from didr.objectives.fake_score import FakeScoreLoss
 from didr.toy.data import make_dataset
 from didr.toy.text import toy_text_encoder, toy_tokenizer
+from didr.training.atomic import atomic_dir
 
 KINDS = ("vp", "flow")
 TEXT_WIDTH = 32
@@ -151,21 +149,9 @@ def _batch_conditioning(table: Conditioning, index: torch.Tensor, drop: torch.Te
 def save_teacher(pipe: DiffusionPipeline, out_dir: str | Path, record: dict[str, Any]) -> None:
     """save_pretrained + training.json into a temporary folder beside out_dir, then renamed into place (an old
     out_dir is replaced only once the new one is complete; on error nothing new is left behind)."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with atomic_dir(Path(out_dir)) as staging:
         pipe.save_pretrained(staging)
         (staging / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-            os.replace(out_dir, old / out_dir.name)
-            os.replace(staging, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def fit_teacher(
