@@ -1,7 +1,7 @@
 """The default embedded run, timed stage by stage: teacher, warm-up, a grid of alignment runs, sampling, scoring,
 report (issue 3's 15-minute target on 2 CPU cores). It calls the same `didr <stage>` commands a Snakemake rule runs.
 
-Run: python benchmarks/embedded_run.py --out runs/embedded [--grid didr=0.3,0.1 ...] [--results benchmarks/RESULTS.md]
+Run: python benchmarks/embedded_run.py --out runs/embedded [--grid didr=0.03,0.01 ...] [--results benchmarks/RESULTS.md]
 A stage whose output folder exists is reused (delete it to redo it); the report is always rebuilt.
 With --results, the stage times are appended to that file with the machine and the date.
 """
@@ -17,7 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
-DEFAULT_GRID = ["didr=0.3,0.1", "dipp=3,10", "dmd2=10,30"]
+DEFAULT_GRID = ["didr=0.03,0.01", "dipp=3,10", "dmd2=10,30"]
 
 
 def stage(args: list[str], out: Path, timings: dict[str, float], label: str) -> None:

@@ -72,7 +72,7 @@ class AlignParams:
     t_max_sampling: float = 0.98
     drs: str = "tweedie"
     drs_steps: int = 1
-    drs_t_max: float = 0.9
+    drs_t_max: float = 0.5
     checkpoint_every: int = 100
 
 
