@@ -13,7 +13,7 @@ from PIL import Image
 from transformers import CLIPTokenizer
 
 from didr.backbones.loading import denoiser_from_components, load_denoiser
-from didr.evaluation.sampling import image_grid, sample_generator, sample_teacher, save_png
+from didr.evaluation.sampling import image_grid, sample_teacher, save_png
 from didr.toy.data import all_labels, make_dataset, parse_prompt, prompt_of, prompt_sets
 from didr.toy.teacher import build_toy_pipeline, fit_teacher, train_teacher
 from didr.toy.text import WINDOW, WORDS, toy_text_encoder, toy_tokenizer
@@ -161,17 +161,6 @@ def test_sample_teacher_shapes_determinism_and_one_step_closed_form(trained):
     assert torch.equal(sample_teacher(teacher, cond, 4, 3.0, x1), a)  # the noise itself may be given
     with pytest.raises(ValueError, match="noise of shape"):
         sample_teacher(teacher, cond, 4, 3.0, x1[:2])
-
-
-def test_sample_generator_is_one_call_on_seeded_noise(trained):
-    _, folder, _, _ = trained
-    teacher = load_denoiser(folder).frozen()
-    generator = teacher.make_generator(t_star=0.9, guidance=2.0)
-    cond = teacher.encode_prompts(PROMPTS)
-    out = sample_generator(generator, cond, torch.Generator().manual_seed(5))
-    z = torch.randn(3, *teacher.sample_shape, generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        assert torch.equal(out, generator(z, cond))
 
 
 def test_image_grid_layout_and_png(tmp_path):

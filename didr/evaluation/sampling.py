@@ -1,4 +1,4 @@
-"""Samples of a teacher (multi-step, deterministic, with CFG) and of a one-step generator; PNG grids."""
+"""Samples of a teacher (multi-step, deterministic, with CFG) and PNG image grids."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch import Tensor, nn
+from torch import Tensor
 
 from didr.backbones.base import Conditioning, Denoiser
 from didr.diffusion import solve
@@ -33,13 +33,6 @@ def sample_teacher(
     x = initial_noise(len(cond), teacher.sample_shape, generator, teacher.device)
     t = torch.ones(len(cond), device=x.device)
     return solve(lambda x_t, t_k: teacher.x0(x_t, t_k, cond, guidance), x, t, steps, teacher.schedule)
-
-
-@torch.no_grad()
-def sample_generator(generator_module: nn.Module, cond: Conditioning, generator: torch.Generator | Tensor) -> Tensor:
-    """One generator call on z ~ N(0, I) of its sample_shape, one sample per prompt of `cond`."""
-    device = next(generator_module.parameters()).device
-    return generator_module(initial_noise(len(cond), generator_module.sample_shape, generator, device), cond)
 
 
 def image_grid(images: Tensor, nrow: int, scale: int = 1) -> Image.Image:
