@@ -15,13 +15,17 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+# The closed-form study, then the whole DAG on the embedded default (params.yaml), its HTML report and stage times.
 demo: $(STAMP)
 	$(VENV)/bin/didr demo
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/python benchmarks/embedded_run.py --out runs/embedded
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH snakemake --cores all all
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH snakemake --report reports/report.html
+	$(VENV)/bin/python benchmarks/pipeline_times.py --experiment embedded
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check didr tests examples benchmarks
 	$(VENV)/bin/ruff format --check didr tests examples benchmarks
+	$(VENV)/bin/snakemake --lint > /dev/null
 
 test: lint
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider

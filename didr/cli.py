@@ -59,7 +59,7 @@ def _stage(args: argparse.Namespace) -> int:
 
     transformers_logging.disable_progress_bar()  # the stages show their own progress; keep stderr for errors
     diffusers_logging.disable_progress_bar()
-    params = load_params(args.params)
+    params = load_params(args.params, args.set)
     if args.command == "teacher":
         from didr.stages.teacher import run_teacher
 
@@ -69,9 +69,13 @@ def _stage(args: argparse.Namespace) -> int:
 
         run_warmup(params, args.teacher, args.out, device=args.device, progress=not args.quiet)
     elif args.command == "align":
+        from didr.grid import Run, parse_value
         from didr.stages.align import run_align
 
-        run_align(params, args.teacher, args.warmup, args.out, args.method, args.strength, args.device, not args.quiet)
+        overrides = [item.removeprefix("align.").partition("=") for item in args.set if item.startswith("align.")]
+        seed = params.seed if args.seed is None else args.seed
+        run = Run(args.method, args.strength, seed, tuple((k, parse_value(v)) for k, _, v in overrides))
+        run_align(params, args.teacher, args.warmup, args.out, run, args.checkpoints, args.device, not args.quiet)
     elif args.command == "sample":
         from didr.stages.sample import run_sample
 
@@ -105,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
         sub.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda:0', ...")
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
+        sub.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                         help="override one params value (repeatable), e.g. --set align.drs_t_max=0.9")  # fmt: skip
         sub.set_defaults(run=_stage)
         return sub
 
@@ -116,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--warmup", type=Path, required=True)
     align.add_argument("--method", required=True, help="di, dipp, dmd2, didr or reward_only")
     align.add_argument("--strength", type=float, default=0.0, help="beta (didr), alpha_rew (dipp), weight (dmd2)")
+    align.add_argument("--seed", type=int, help="the run's seed (default: the params file's seed)")
+    align.add_argument("--checkpoints", type=Path, help="checkpoint folder (default: <out>.checkpoints)")
     sample = stage("sample", "evaluation images from a one-step generator, or the teacher with N steps and CFG")
     sample.add_argument("--teacher", type=Path, required=True)
     sample.add_argument("--generator", type=Path, help="a warmup or align output; omit for the teacher reference")

@@ -1,14 +1,22 @@
-"""The typed, strict view of params.yaml: unknown keys and bad values are errors naming the key and the file."""
+"""The typed, strict view of params.yaml: unknown keys and bad values are errors naming the key and the file.
+
+The checks are those of workflow/schemas/params.schema.yaml, the schema Snakemake's `validate` uses too."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, get_type_hints
 
+import jsonschema
 import yaml
+
+SCHEMA = Path(__file__).with_name("params.schema.yaml")  # a link to workflow/schemas/params.schema.yaml
 
 
 class ConfigError(ValueError):
@@ -86,10 +94,15 @@ class SampleParams:
     seed: int = 1234
 
 
+def default_grid() -> dict:
+    return {"seeds": [0], "methods": {"didr": {"beta": [0.03]}}}
+
+
 @dataclass
 class Params:
     """Everything an experiment needs, as in params.yaml."""
 
+    experiment: str = "embedded"
     seed: int = 0
     teacher: TeacherParams = field(default_factory=TeacherParams)
     prompts: PromptParams = field(default_factory=PromptParams)
@@ -97,54 +110,97 @@ class Params:
     warmup: WarmupParams = field(default_factory=WarmupParams)
     align: AlignParams = field(default_factory=AlignParams)
     sample: SampleParams = field(default_factory=SampleParams)
+    grid: dict = field(default_factory=default_grid)
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    origin = get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return _build(hint, value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (item,) = get_args(hint)
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
-    return value
-
-
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+def _build(cls: type, data: dict[str, Any]) -> Any:
+    """The dataclass view of a schema-checked mapping (missing keys take the dataclass defaults)."""
     hints = get_type_hints(cls)
-    unknown = sorted(set(data) - set(hints))
-    if unknown:
-        raise ConfigError(f"{where}{'.' if where else ''}{unknown[0]}: unknown key (known: {sorted(hints)})")
-    return cls(**{k: _coerce(v, hints[k], f"{where}{'.' if where else ''}{k}") for k, v in data.items()})
+    values = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            value = _build(hint, value)
+        elif hint is float:
+            value = float(value)
+        values[key] = value
+    return cls(**values)
 
 
-def _validate(p: Params) -> None:
-    checks = [
-        ("teacher.kind", p.teacher.kind in ("vp", "flow"), "must be 'vp' or 'flow'"),
-        ("teacher.size", p.teacher.size >= 8, "must be >= 8"),
-        ("warmup.t_star", 0 < p.warmup.t_star <= 1, "must lie in (0, 1]"),
-        ("align.drs_t_max", 0 < p.align.drs_t_max <= 1, "must lie in (0, 1]"),
-        ("align.drs_steps", p.align.drs_steps >= 1, "must be >= 1"),
-        ("align.t_min", 0 <= p.align.t_min < p.align.t_max_sampling <= 1, "needs 0 <= t_min < t_max_sampling <= 1"),
-        ("sample.per_prompt", p.sample.per_prompt >= 1, "must be >= 1"),
-    ]
-    for section in ("teacher", "warmup", "align"):
-        for name in ("steps", "batch_size"):
-            checks.append((f"{section}.{name}", getattr(getattr(p, section), name) >= 1, "must be >= 1"))
-    for key, ok, what in checks:
-        if not ok:
-            raise ConfigError(f"{key} {what}")
+def _key(path: Any) -> str:
+    """A JSON path as a params key: grid.methods.didr.beta[1]."""
+    key = ""
+    for part in path:
+        key += f"[{part}]" if isinstance(part, int) else f"{'.' if key else ''}{part}"
+    return key
 
 
-def load_params(path: str | Path) -> Params:
-    """Read and check a params file (YAML); ConfigError names the file and the offending key."""
+def schema_error(data: dict[str, Any]) -> str | None:
+    """The most relevant schema violation of `data` as 'key: what is wrong', or None when it is valid."""
+    error = jsonschema.exceptions.best_match(_validator().iter_errors(data))
+    if error is None:
+        return None
+    key = _key(error.absolute_path)
+    if error.validator in ("additionalProperties", "unevaluatedProperties"):
+        unexpected = re.findall(r"'([^']+)'", error.message.split("(")[-1])
+        known = sorted(error.schema.get("properties", {}))
+        return f"{key}{'.' if key else ''}{unexpected[0]}: unknown key (known: {', '.join(known)})"
+    if error.validator == "required":
+        missing = re.findall(r"'([^']+)'", error.message)[0]
+        return f"{key}{'.' if key else ''}{missing}: missing"
+    if error.validator == "minItems" and error.schema["minItems"] == 1:
+        return f"{key}: no values"
+    return f"{key or 'top level'}: {error.message}"
+
+
+@functools.cache
+def _validator() -> jsonschema.protocols.Validator:
+    schema = yaml.safe_load(SCHEMA.read_text(encoding="utf-8"))
+    return jsonschema.Draft202012Validator(schema)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`section.key=value` settings (as `didr <stage> --set` takes them) applied to a copy of the raw params."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        *sections, name = key.split(".")
+        target = data
+        for section in sections:
+            target = target.setdefault(section, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"--set {item!r}: {section} is not a section")
+        value = yaml.safe_load(text)
+        target[name] = float(value) if isinstance(value, str) and _is_float(value) else value
+    return data
+
+
+def _is_float(text: str) -> bool:
+    """True for the numbers YAML 1.1 reads as strings, such as 1e-05."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _unknown_reward(rewards: dict[str, Any]) -> str | None:
+    from didr.rewards.registry import known_rewards
+
+    known = known_rewards()
+    names = [("rewards.train", rewards.get("train", RewardParams.train))]
+    names += [(f"rewards.eval[{i}]", name) for i, name in enumerate(rewards.get("eval", []))]
+    for key, name in names:
+        if name not in known:
+            return f"{key}: unknown reward {name!r} (registered: {', '.join(known)})"
+    return None
+
+
+def load_params(path: str | Path, overrides: list[str] = ()) -> Params:
+    """Read and check a params file (YAML) against workflow/schemas/params.schema.yaml, after `overrides`;
+    ConfigError names the file and the offending key in one line."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -154,12 +210,16 @@ def load_params(path: str | Path) -> Params:
         raise ConfigError(f"{path}: not valid UTF-8 YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    try:
-        params = _build(Params, data, "")
-        _validate(params)
-    except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from None
-    return params
+    data = apply_overrides(data, list(overrides))
+    problem = schema_error(data)
+    if problem is None:
+        a = {**dataclasses.asdict(AlignParams()), **data.get("align", {})}
+        if not a["t_min"] < a["t_max_sampling"]:
+            problem = "align.t_min: must be below align.t_max_sampling"
+        problem = problem or _unknown_reward(data.get("rewards", {}))
+    if problem is not None:
+        raise ConfigError(f"{path}: {problem}")
+    return _build(Params, data)
 
 
 def params_json(params: Params) -> str:

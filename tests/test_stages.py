@@ -66,6 +66,10 @@ def test_align_sample_score_report_chain(world):
         metrics = pd.read_parquet(out / "metrics.parquet")
         assert metrics["step"].tolist() == [0, 1, 2, 3] and metrics["loss"].notna().all()
         assert json.loads((out / "params.json").read_text())["method"] == method
+        assert {q.name for q in out.iterdir()} == {"generator.safetensors", "fake.safetensors", "metrics.parquet",
+                                                   "params.json"}  # fmt: skip
+        assert sorted(q.name for q in (root / f"align-{method}.checkpoints").glob("step-*")) == [
+            "step-000002.safetensors", "step-000004.safetensors"]  # fmt: skip
     assert "drs_norm" in pd.read_parquet(root / "align-didr" / "metrics.parquet")
 
     sets = {"teacher": None, "warm": warmup, **{m: str(root / f"align-{m}") for m in runs}}
@@ -95,7 +99,7 @@ def test_align_sample_score_report_chain(world):
         q.name for q in report.iterdir()
     }
     assert (report / "grid.png").stat().st_size > 1000
-    assert "didr/strength=1.0" in json.loads((report / "metrics.json").read_text())
+    assert "didr/beta=1/seed=0" in json.loads((report / "metrics.json").read_text())
 
 
 def test_align_resumes_instead_of_redoing(world, capsys):

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 from didr.backbones.base import Denoiser
 from didr.config import AlignParams, Params
 from didr.diffusion import UniformTime
+from didr.grid import Run
 from didr.objectives import DI, DIDR, DMD2, METHODS, DIPlusPlus, FakeScoreLoss, RewardOnly
 from didr.rewards.base import Reward
 from didr.stages.common import load_generator, load_prompts, load_reward, load_teacher, pick_device
 from didr.stages.io import load_weights, save_weights, write_text_atomic
+from didr.training.atomic import atomic_dir
 from didr.training.loop import align
 
 
@@ -41,12 +44,15 @@ def run_align(
     teacher_dir: Path,
     warmup_dir: Path,
     out: Path,
-    method: str,
-    strength: float,
+    run: Run,
+    checkpoint_dir: Path | None = None,
     device: str = "auto",
     progress: bool = True,
 ) -> None:
-    """out/generator.safetensors (the EMA), out/fake.safetensors, out/metrics.parquet, out/checkpoints/."""
+    """out/generator.safetensors (the EMA), out/fake.safetensors, out/metrics.parquet, out/params.json, written
+    together when the run ends. Checkpoints go to `checkpoint_dir` (default out/../<name>.checkpoints), outside the
+    output so that a scheduler that clears a failed job's output never loses them; a rerun resumes from the latest.
+    `run` names the method, its strength and the seed; `params.align` already carries the run's overrides."""
     dev = pick_device(device)
     teacher = load_teacher(teacher_dir, dev)
     reward = load_reward(params.rewards.train, teacher_dir, dev)
@@ -54,19 +60,22 @@ def run_align(
     fake = teacher.trainable_copy()
     load_weights(fake, warmup_dir / "fake.safetensors")
     a = params.align
+    method, strength, seed = run.method, run.strength, run.seed
     objective = method_objective(method, strength, teacher, fake, reward, a)
-    t_star = generator.t_star
     record = {
-        "stage": "align", "method": method, "strength": strength, "params": asdict(params),
-        "generator": {"t_star": t_star},
+        "stage": "align", "method": method, "strength": strength, "seed": seed, "run": run.id,
+        "setting": run.setting, "params": asdict(params), "generator": {"t_star": generator.t_star},
     }  # fmt: skip
+    checkpoint_dir = checkpoint_dir or out.with_name(out.name + ".checkpoints")
     result = align(
         generator, objective, load_prompts(teacher_dir, "train", dev), steps=a.steps, batch_size=a.batch_size,
         fake=fake, fake_loss=FakeScoreLoss(fake, UniformTime(a.t_min, a.t_max_sampling)),
         fake_updates=a.fake_updates, lr=a.lr, fake_lr=a.fake_lr, grad_clip=a.grad_clip, ema_decay=a.ema_decay,
-        seed=params.seed, checkpoint_dir=out / "checkpoints", checkpoint_every=a.checkpoint_every,
-        metrics_path=out / "metrics.parquet", params=record, resume=True, progress=progress,
+        seed=seed, checkpoint_dir=checkpoint_dir, checkpoint_every=a.checkpoint_every,
+        metrics_path=checkpoint_dir / "metrics.parquet", params=record, resume=True, progress=progress,
     )  # fmt: skip
-    save_weights(result.ema, out / "generator.safetensors")
-    save_weights(fake, out / "fake.safetensors")
-    write_text_atomic(out / "params.json", json.dumps(record, indent=1))
+    with atomic_dir(out) as tmp:
+        save_weights(result.ema, tmp / "generator.safetensors")
+        save_weights(fake, tmp / "fake.safetensors")
+        shutil.copy2(checkpoint_dir / "metrics.parquet", tmp / "metrics.parquet")
+        write_text_atomic(tmp / "params.json", json.dumps(record, indent=1))

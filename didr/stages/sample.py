@@ -41,7 +41,7 @@ def run_sample(
     else:
         run = read_run_params(generator_dir)
         method = run.get("method", "one-step (warm start)")
-        setting = f"strength={run['strength']}" if "strength" in run else f"t_star={run['generator']['t_star']}"
+        setting = run.get("setting", f"t_star={run['generator']['t_star']}")
         generator = load_generator(teacher, generator_dir)
     rows = []
     with atomic_dir(out) as tmp, torch.no_grad():

@@ -1,0 +1,93 @@
+"""The ablation grid of params.yaml as align runs with readable ids: method=didr/beta=0.03/seed=0.
+
+One run id names one align output folder everywhere (Snakemake rules, DVC stages, the submitit launcher, the
+report), so this module is the only place that turns a grid into runs and a run id back into `didr align` options.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+STRENGTH_AXIS = {"didr": "beta", "dipp": "alpha", "dmd2": "weight", "di": None, "reward_only": None}
+
+
+def format_value(value: float | int | str) -> str:
+    """A grid value as it appears in a run id (and on the command line): 0.03, 10, tweedie."""
+    return format(value, "g") if isinstance(value, float) else str(value)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One align run: a method, its strength, the align settings it overrides, and its seed."""
+
+    method: str
+    strength: float
+    seed: int
+    overrides: tuple[tuple[str, float | int | str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.method not in STRENGTH_AXIS:
+            raise ValueError(f"method: unknown method {self.method!r}; choose one of {sorted(STRENGTH_AXIS)}")
+
+    @property
+    def axes(self) -> list[tuple[str, float | int | str]]:
+        """(axis, value) pairs in id order: the strength axis first, then the overrides."""
+        axis = STRENGTH_AXIS[self.method]
+        return ([(axis, self.strength)] if axis else []) + list(self.overrides)
+
+    @property
+    def setting(self) -> str:
+        """The run id without the method: beta=0.03/seed=0."""
+        return "/".join([*(f"{k}={format_value(v)}" for k, v in self.axes), f"seed={self.seed}"])
+
+    @property
+    def id(self) -> str:
+        return f"method={self.method}/{self.setting}"
+
+    def align_options(self) -> list[str]:
+        """The `didr align` options that run it."""
+        sets = [f"--set=align.{k}={format_value(v)}" for k, v in self.overrides]
+        return ["--method", self.method, "--strength", format_value(self.strength), "--seed", str(self.seed), *sets]
+
+
+def expand_grid(grid: dict) -> list[Run]:
+    """Every run of a validated `grid` section: per method, the product of its axes, times every seed."""
+    runs = []
+    for method, axes in grid["methods"].items():
+        strength_axis = STRENGTH_AXIS[method]
+        names = [strength_axis] if strength_axis else []
+        names += [name for name in axes if name != strength_axis]
+        for values in itertools.product(*(axes[name] for name in names)):
+            chosen = dict(zip(names, values, strict=True))
+            strength = float(chosen.pop(strength_axis)) if strength_axis else 0.0
+            for seed in grid["seeds"]:
+                runs.append(Run(method, strength, seed, tuple(chosen.items())))
+    return runs
+
+
+def parse_run_id(run_id: str) -> Run:
+    """The Run a run id names (the inverse of Run.id); ValueError names a malformed id."""
+    parts = run_id.split("/")
+    try:
+        pairs = [part.split("=", 1) for part in parts]
+        fields = {k: v for k, v in pairs}
+        method = fields.pop("method")
+        seed = int(fields.pop("seed"))
+    except (ValueError, KeyError):
+        raise ValueError(f"run id {run_id!r}: expected method=<m>/<axis>=<value>/.../seed=<s>") from None
+    if method not in STRENGTH_AXIS:
+        raise ValueError(f"run id {run_id!r}: unknown method {method!r}; choose one of {sorted(STRENGTH_AXIS)}")
+    axis = STRENGTH_AXIS[method]
+    strength = float(fields.pop(axis)) if axis in fields else 0.0
+    return Run(method, strength, seed, tuple((k, parse_value(v)) for k, v in fields.items()))
+
+
+def parse_value(text: str) -> float | int | str:
+    """A value of a run id or a --set option: an int, else a float, else the text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
