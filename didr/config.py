@@ -17,6 +17,15 @@ import jsonschema
 import yaml
 
 SCHEMA = Path(__file__).with_name("params.schema.yaml")  # a link to workflow/schemas/params.schema.yaml
+# The params each stage reads (sections or section.key): a Snakemake job or DVC stage reruns when one changes.
+STAGE_PARAMS = {
+    "teacher": ["seed", "teacher", "prompts"],
+    "warmup": ["seed", "warmup", "align.t_min", "align.t_max_sampling"],
+    "align": ["align", "rewards.train"],
+    "sample": ["sample"],
+    "score": ["seed", "rewards.eval"],
+    "report": ["rewards.eval"],
+}
 
 
 class ConfigError(ValueError):

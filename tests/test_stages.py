@@ -68,7 +68,7 @@ def test_align_sample_score_report_chain(world):
         assert json.loads((out / "params.json").read_text())["method"] == method
         assert {q.name for q in out.iterdir()} == {"generator.safetensors", "fake.safetensors", "metrics.parquet",
                                                    "params.json"}  # fmt: skip
-        assert sorted(q.name for q in (root / f"align-{method}.checkpoints").glob("step-*")) == [
+        assert sorted(q.name for q in (root / f"align-{method}.checkpoints").glob("*/step-*")) == [
             "step-000002.safetensors", "step-000004.safetensors"]  # fmt: skip
     assert "drs_norm" in pd.read_parquet(root / "align-didr" / "metrics.parquet")
 
@@ -111,6 +111,9 @@ def test_align_resumes_instead_of_redoing(world, capsys):
     first = (out / "generator.safetensors").read_bytes()
     assert run(*args) == 0  # a finished run loads its final checkpoint and writes the same generator
     assert (out / "generator.safetensors").read_bytes() == first
+    assert run(*args, "--set", "align.steps=6") == 0  # changed settings: a fresh run beside the old checkpoints
+    assert len(pd.read_parquet(out / "metrics.parquet")) == 6
+    assert len(list((root / "align-resume.checkpoints").iterdir())) == 2
 
 
 def test_bad_inputs_fail_with_one_line_naming_the_file(world, capsys, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import asdict
+from hashlib import sha256
 from pathlib import Path
 
 from didr.backbones.base import Denoiser
@@ -51,8 +52,10 @@ def run_align(
 ) -> None:
     """out/generator.safetensors (the EMA), out/fake.safetensors, out/metrics.parquet, out/params.json, written
     together when the run ends. Checkpoints go to `checkpoint_dir` (default out/../<name>.checkpoints), outside the
-    output so that a scheduler that clears a failed job's output never loses them; a rerun resumes from the latest.
-    `run` names the method, its strength and the seed; `params.align` already carries the run's overrides."""
+    output so that a scheduler that clears a failed job's output never loses them, in a sub-folder named by a digest
+    of what the run trains with: a rerun with the same settings resumes from the latest checkpoint, a rerun after
+    a change starts afresh. `run` names the method, its strength and the seed; `params.align` already carries the
+    run's overrides."""
     dev = pick_device(device)
     teacher = load_teacher(teacher_dir, dev)
     reward = load_reward(params.rewards.train, teacher_dir, dev)
@@ -66,7 +69,10 @@ def run_align(
         "stage": "align", "method": method, "strength": strength, "seed": seed, "run": run.id,
         "setting": run.setting, "params": asdict(params), "generator": {"t_star": generator.t_star},
     }  # fmt: skip
-    checkpoint_dir = checkpoint_dir or out.with_name(out.name + ".checkpoints")
+    identity = json.dumps({"align": asdict(a), "reward": params.rewards.train, "run": run.id}, sort_keys=True)
+    checkpoint_dir = (checkpoint_dir or out.with_name(out.name + ".checkpoints")) / sha256(
+        identity.encode()
+    ).hexdigest()[:12]
     result = align(
         generator, objective, load_prompts(teacher_dir, "train", dev), steps=a.steps, batch_size=a.batch_size,
         fake=fake, fake_loss=FakeScoreLoss(fake, UniformTime(a.t_min, a.t_max_sampling)),

@@ -10,7 +10,7 @@ rule align:
         file=PARAMS_FILE,
         options=align_options,
         checkpoints=lambda wildcards: layout.checkpoints_dir(EXP, wildcards.run),
-        settings=settings("align", "rewards.train"),
+        settings=settings("align"),
     conda:
         "../envs/didr.yaml"
     log:

@@ -8,7 +8,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from didr import layout
-from didr.config import ConfigError, load_params
+from didr.config import STAGE_PARAMS, ConfigError, load_params
 from didr.grid import expand_grid, parse_run_id
 
 PARAMS_FILE = workflow.overwrite_configfiles[-1] if workflow.overwrite_configfiles else "params.yaml"
@@ -39,11 +39,11 @@ wildcard_constraints:
     set=r"teacher|warm-start|method=[^/]+(/[^/=]+=[^/]+)*/seed=\d+",
 
 
-def settings(*keys):
-    """The params a stage reads (sections or section.key), as one string: Snakemake reruns a job when it changes."""
+def settings(stage):
+    """The params a stage reads (didr.config.STAGE_PARAMS), as one string: Snakemake reruns a job when it changes."""
     values = asdict(P)
     picked = {}
-    for key in keys:
+    for key in STAGE_PARAMS[stage]:
         section, _, name = key.partition(".")
         picked[key] = values[section][name] if name else values[section]
     return json.dumps(picked, sort_keys=True)

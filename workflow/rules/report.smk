@@ -17,7 +17,7 @@ rule report:
     params:
         file=PARAMS_FILE,
         out=lambda wildcards, output: os.path.dirname(output.table),
-        settings=settings("rewards.eval"),
+        settings=settings("report"),
     conda:
         "../envs/didr.yaml"
     log:

@@ -8,7 +8,7 @@ rule score:
         directory(str(layout.scores_dir(EXP, "{set}"))),
     params:
         file=PARAMS_FILE,
-        settings=settings("seed", "rewards.eval"),
+        settings=settings("score"),
     conda:
         "../envs/didr.yaml"
     log:

@@ -7,7 +7,7 @@ rule teacher:
         directory(TEACHER),
     params:
         file=PARAMS_FILE,
-        settings=settings("seed", "teacher", "prompts"),
+        settings=settings("teacher"),
     conda:
         "../envs/didr.yaml"
     log:

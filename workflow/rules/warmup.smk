@@ -6,7 +6,7 @@ rule warmup:
         directory(WARMUP),
     params:
         file=PARAMS_FILE,
-        settings=settings("seed", "warmup", "align.t_min", "align.t_max_sampling"),
+        settings=settings("warmup"),
     conda:
         "../envs/didr.yaml"
     log:
