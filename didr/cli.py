@@ -91,6 +91,13 @@ def _stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def launch(args: argparse.Namespace) -> int:
+    """Submit one stage, or a sweep of align runs, through submitit and wait for it (didr/launch.py)."""
+    from didr.launch import launch as launch_stage
+
+    return launch_stage(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="didr", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = stage("report", "metrics table, Pareto plots with hypervolumes, image grids")
     report.add_argument("--scores", type=Path, nargs="+", required=True)
     report.add_argument("--samples", type=Path, nargs="+", required=True, help="sample sets shown in the grid")
+    from didr.launch import add_launch_parser
+
+    add_launch_parser(commands).set_defaults(run=launch)
     return parser
 
 
