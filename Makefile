@@ -25,7 +25,6 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check didr tests examples benchmarks
 	$(VENV)/bin/ruff format --check didr tests examples benchmarks
-	$(VENV)/bin/snakemake --lint > /dev/null
 
 test: lint
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from pipeline_project import TINY, scratch_project
+from pipeline_project import TINY, scratch_project, snakemake
 from slurm_cluster import slurm_cluster_fixture  # noqa: F401 (the `slurm_cluster` fixture)
 
 from didr.config import load_params
@@ -63,10 +63,9 @@ def submitted(stdout: str) -> dict[str, str]:
     return dict(re.findall(r"^submitted job (\S+): (.*)$", stdout, flags=re.M))
 
 
-def snakemake(project: Path, *args: str) -> str:
+def snakemake_dry_run(project: Path, *args: str) -> str:
     """The output of a Snakemake dry run of the project's workflow."""
-    command = [sys.executable, "-m", "snakemake", "--dry-run", "--cores", "1", *args]
-    done = subprocess.run(command, cwd=project, env=ENV, capture_output=True, text=True, timeout=300)
+    done = snakemake(project, "--dry-run", "--cores", "1", *args, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -124,7 +123,7 @@ def test_align_sweep_matches_the_snakemake_rules_and_is_not_rerun(project):
 
     # Every stage's launcher command is the one its Snakemake rule runs (a forced dry run prints them all), and
     # Snakemake takes the launcher's align outputs as up to date.
-    printed = re.findall(r"^Shell command: (didr .*)$", snakemake(folder, "-p", "--forcerun", "teacher"), re.M)
+    printed = re.findall(r"^Shell command: (didr .*)$", snakemake_dry_run(folder, "-p", "--forcerun", "teacher"), re.M)
     rules = sorted(
         " ".join(command.split()) for command in printed
     )  # the sample rule leaves two spaces for no generator
@@ -132,7 +131,9 @@ def test_align_sweep_matches_the_snakemake_rules_and_is_not_rerun(project):
     tasks = [task for stage in STAGES for task in stage_tasks(params, Path("params.yaml"), stage, [])]
     assert rules == sorted(f"{shlex.join(task.command)} > {task.log} 2>&1" for task in tasks)
     assert set(commands) <= set(rules) and len(rules) == 1 + 1 + 2 + 4 + 4 + 1
-    up_to_date = snakemake(folder, "--rerun-triggers", "mtime", "--", *(f"runs/tiny/align/{run}" for run in GRID))
+    up_to_date = snakemake_dry_run(
+        folder, "--rerun-triggers", "mtime", "--", *(f"runs/tiny/align/{run}" for run in GRID)
+    )
     assert "Nothing to be done" in up_to_date
 
     jobs = sorted((folder / "logs/tiny/submitit").iterdir())
