@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import save_pixart, save_sd, save_sd3
+from tiny_models import save_flux, save_pixart, save_sd, save_sd3, save_sdxl, save_zimage
 
 from didr.backbones.loading import load_denoiser
 from didr.backbones.tuning import add_lora
@@ -14,6 +14,9 @@ BUILDERS = {
     "sd-v-latent": lambda folder: save_sd(folder, prediction_type="v_prediction", latent=True),
     "pixart": save_pixart,
     "sd3-flow": save_sd3,
+    "sdxl": save_sdxl,
+    "flux-dev": save_flux,  # teacher_guidance goes into the guidance embedding
+    "zimage": save_zimage,
 }
 PROMPTS = ["a red cat", "two dogs", "blue sky"]
 

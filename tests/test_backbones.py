@@ -9,23 +9,37 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, PixArtTransformer2DModel
-from tiny_models import save_pixart, save_sd, save_sd3
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, PixArtTransformer2DModel, UNet2DConditionModel
+from tiny_models import QWEN_WINDOW, save_flux, save_pixart, save_sd, save_sd3, save_sdxl, save_zimage
 
 from didr.backbones.adapter import DiffusersDenoiser
+from didr.backbones.base import Conditioning
 from didr.backbones.flow import SD3FlowDenoiser
+from didr.backbones.flux import FluxDenoiser
 from didr.backbones.loading import ModelUnavailableError, denoiser_from_components, load_denoiser
 from didr.backbones.pixart import PixArtDenoiser
 from didr.backbones.tuning import add_lora, enable_gradient_checkpointing
 from didr.backbones.unet import UNetDenoiser
+from didr.backbones.zimage import ZImageDenoiser
 
 BUILDERS = {
     "sd_eps_pixel": lambda folder: save_sd(folder),
     "sd_v_latent": lambda folder: save_sd(folder, prediction_type="v_prediction", latent=True),
     "pixart": save_pixart,
     "sd3": save_sd3,
+    "sdxl": save_sdxl,
+    "flux_dev": save_flux,
+    "zimage": save_zimage,
 }
-ADAPTER = {"sd_eps_pixel": UNetDenoiser, "sd_v_latent": UNetDenoiser, "pixart": PixArtDenoiser, "sd3": SD3FlowDenoiser}
+ADAPTER = {
+    "sd_eps_pixel": UNetDenoiser,
+    "sd_v_latent": UNetDenoiser,
+    "pixart": PixArtDenoiser,
+    "sd3": SD3FlowDenoiser,
+    "sdxl": UNetDenoiser,
+    "flux_dev": FluxDenoiser,
+    "zimage": ZImageDenoiser,
+}
 PROMPTS = ["a red cat", "two dogs"]
 
 
@@ -40,6 +54,11 @@ def teacher_of(family) -> DiffusersDenoiser:
     return load_denoiser(family[2]).frozen()
 
 
+def in_memory(pipe) -> DiffusersDenoiser:
+    """The adapter over a pipeline's own components and config."""
+    return denoiser_from_components(type(pipe).__name__, pipe.components, config=pipe.config)
+
+
 def inputs(denoiser: DiffusersDenoiser, seed: int = 0, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, *denoiser.sample_shape, generator=g), 0.1 + 0.8 * torch.rand(batch, generator=g)
@@ -52,7 +71,7 @@ def text_encoders(denoiser: DiffusersDenoiser) -> list[torch.nn.Module]:
 def test_round_trip_matches_in_memory(family):
     name, pipe, folder = family
     loaded = load_denoiser(folder)
-    memory = denoiser_from_components(type(pipe).__name__, pipe.components)
+    memory = in_memory(pipe)
     assert type(loaded) is ADAPTER[name] and loaded.sample_shape == memory.sample_shape
     parts = [loaded.net, *loaded.frozen_parts.modules], [memory.net, *memory.frozen_parts.modules]
     for a, b in zip(*parts, strict=True):
@@ -68,8 +87,16 @@ def test_round_trip_matches_in_memory(family):
 
 def test_prompt_embeds_match_pipeline(family):
     name, pipe, _ = family
-    teacher = denoiser_from_components(type(pipe).__name__, pipe.components)
+    teacher = in_memory(pipe)
     cond = teacher.encode_prompts(PROMPTS)
+    if name == "zimage":  # the pipeline's captions: per prompt, the hidden states of its real tokens
+        positive, negative = pipe.encode_prompt(list(PROMPTS), "cpu", True, max_sequence_length=QWEN_WINDOW)
+        for ours, theirs in ((cond.embeds, positive), (cond.negative, negative)):
+            captions = [h[m.bool()] for h, m in zip(ours["hidden"], ours["mask"], strict=True)]
+            for caption, expected in zip(captions, theirs, strict=True):
+                torch.testing.assert_close(caption, expected)
+        assert len(positive[0]) != len(positive[1])  # variable-length captions
+        return
     if name == "pixart":
         hidden, mask, neg_hidden, neg_mask = pipe.encode_prompt(
             PROMPTS, negative_prompt="", clean_caption=False, max_sequence_length=16, device="cpu"
@@ -79,6 +106,13 @@ def test_prompt_embeds_match_pipeline(family):
         hidden, neg_hidden, pooled, neg_pooled = pipe.encode_prompt(
             PROMPTS, None, None, device="cpu", max_sequence_length=16
         )
+        expected = {"hidden": hidden, "pooled": pooled}, {"hidden": neg_hidden, "pooled": neg_pooled}
+    elif name == "sdxl":  # force_zeros_for_empty_prompt (True): the negative is zeros
+        hidden, neg_hidden, pooled, neg_pooled = pipe.encode_prompt(PROMPTS, device="cpu")
+        expected = {"hidden": hidden, "pooled": pooled}, {"hidden": neg_hidden, "pooled": neg_pooled}
+    elif name == "flux_dev":  # FluxPipeline encodes a negative only for true CFG, from negative_prompt
+        hidden, pooled, _ = pipe.encode_prompt(PROMPTS, None, device="cpu", max_sequence_length=16)
+        neg_hidden, neg_pooled, _ = pipe.encode_prompt(["", ""], None, device="cpu", max_sequence_length=16)
         expected = {"hidden": hidden, "pooled": pooled}, {"hidden": neg_hidden, "pooled": neg_pooled}
     else:
         hidden, neg_hidden = pipe.encode_prompt(PROMPTS, "cpu", 1, True)
@@ -143,10 +177,132 @@ def test_flow_x0_matches_flow_match_euler(tmp_path, i):
     torch.testing.assert_close(ours_prev, prev, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("i", [0, 4, 8])
+def test_sdxl_x0_matches_euler(tmp_path, i):
+    """SDXL base's own scheduler (Euler, VE latents x_t / a) and added conditioning; CFG 3 against zeros."""
+    pipe = save_sdxl(tmp_path)
+    teacher = in_memory(pipe).frozen()
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(10)
+    timestep, sigma, sigma_next = scheduler.timesteps[i], scheduler.sigmas[i], scheduler.sigmas[i + 1]
+    hidden, neg_hidden, pooled, neg_pooled = pipe.encode_prompt(PROMPTS, device="cpu")
+    time_ids = pipe._get_add_time_ids((16, 16), (0, 0), (16, 16), hidden.dtype, text_encoder_projection_dim=32)
+    torch.testing.assert_close(teacher.time_ids(torch.zeros(1, 4, 8, 8)), time_ids, rtol=0, atol=0)
+    x, _ = inputs(teacher, seed=i)
+    sample = x * (sigma**2 + 1).sqrt()  # the same point in Euler's units
+    with torch.no_grad():
+        model_input = scheduler.scale_model_input(torch.cat([sample, sample]), timestep)
+        eps_u, eps_c = pipe.unet(
+            model_input,
+            timestep,
+            encoder_hidden_states=torch.cat([neg_hidden, hidden]),
+            added_cond_kwargs={"text_embeds": torch.cat([neg_pooled, pooled]), "time_ids": time_ids.repeat(4, 1)},
+        ).sample.chunk(2)
+        ref = scheduler.step(eps_u + 3.0 * (eps_c - eps_u), timestep, sample)
+        t = torch.full((2,), float(timestep) / 999)
+        x0 = teacher.x0(x, t, teacher.encode_prompts(PROMPTS), 3.0)
+        prev = teacher.schedule.step(x, x0, t, torch.full((2,), float(scheduler.timesteps[i + 1]) / 999))
+    torch.testing.assert_close(x0, ref.pred_original_sample, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(prev, ref.prev_sample / (sigma_next**2 + 1).sqrt(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("force_zeros", [True, False])
+def test_sdxl_negative_follows_force_zeros(tmp_path, force_zeros):
+    pipe = save_sdxl(tmp_path)
+    pipe.register_to_config(force_zeros_for_empty_prompt=force_zeros)
+    pipe.save_pretrained(tmp_path)
+    _, neg_hidden, _, neg_pooled = pipe.encode_prompt(PROMPTS, device="cpu")
+    assert (neg_hidden.abs().sum() == 0) == force_zeros
+    for teacher in (in_memory(pipe), load_denoiser(tmp_path)):
+        negative = teacher.encode_prompts(PROMPTS).negative
+        torch.testing.assert_close(negative["hidden"], neg_hidden)
+        torch.testing.assert_close(negative["pooled"], neg_pooled)
+
+
+def test_sdxl_added_embedding_width_is_checked(tmp_path):
+    pipe = save_sdxl(tmp_path)
+    unet = UNet2DConditionModel.from_config(pipe.unet.config, projection_class_embeddings_input_dim=96)
+    with pytest.raises(ValueError, match=r"96 features.*addition_time_embed_dim 8 \+ pooled 32 give 80"):
+        denoiser_from_components(type(pipe).__name__, {**pipe.components, "unet": unet})
+
+
+def capture_first_step(store: list):
+    """A callback_on_step_end keeping the latents after the pipeline's first scheduler step."""
+
+    def callback(pipe, i, t, kwargs):
+        if i == 0:
+            store.append(kwargs["latents"].clone())
+        return {}
+
+    return callback
+
+
+@pytest.mark.parametrize("guidance_embeds", [True, False], ids=["dev", "schnell"])
+def test_flux_matches_pipeline_steps(tmp_path, guidance_embeds):
+    """Two steps of FluxPipeline itself (packing, ids, timestep / 1000, dynamic shift, guidance) against ours:
+    after step 1, prev = x + (s2 - s1) v; the last step (to sigma 0) returns x0 = x - s2 v."""
+    pipe = save_flux(tmp_path, guidance_embeds=guidance_embeds)
+    pipe.set_progress_bar_config(disable=True)
+    teacher = in_memory(pipe).frozen()
+    x, _ = inputs(teacher)
+    first: list[torch.Tensor] = []
+    # dev: the guidance embedding; schnell: true CFG against the empty prompt
+    extra = {"guidance_scale": 2.5} if guidance_embeds else {"true_cfg_scale": 2.5, "negative_prompt": ""}
+    with torch.no_grad():
+        out = pipe(
+            PROMPTS, height=16, width=16, num_inference_steps=2, sigmas=[0.9, 0.5], max_sequence_length=16,
+            latents=pipe._pack_latents(x, 2, 4, 8, 8), output_type="latent",
+            callback_on_step_end=capture_first_step(first), **extra,
+        ).images  # fmt: skip
+        s1, s2, s3 = pipe.scheduler.sigmas
+        cond = teacher.encode_prompts(PROMPTS)
+        x0 = teacher.x0(x, s1.expand(2), cond, 2.5)
+        x1 = teacher.schedule.step(x, x0, s1.expand(2), s2.expand(2))
+        x0_last = teacher.x0(x1, s2.expand(2), cond, 2.5)
+    assert s3 == 0 and 0.5 < s2 < s1 < 1 and s2 != 0.5  # shifted by the sequence length
+    torch.testing.assert_close(x1, pipe._unpack_latents(first[0], 16, 16, 2), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x0_last, pipe._unpack_latents(out, 16, 16, 2), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(x0_last, teacher.x0(x1, s2.expand(2), cond, 1.0))
+
+
+@pytest.mark.parametrize("w", [0.0, 2.0])
+def test_zimage_matches_pipeline_steps(tmp_path, w):
+    """Two steps of ZImagePipeline itself (list inputs, tau = (1000 - timestep) / 1000, u = -v, its CFG
+    pos + w (pos - neg) = our guidance 1 + w) against ours: prev = x + (s2 - s1) v, then x0 = x - s2 v."""
+    pipe = save_zimage(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    teacher = in_memory(pipe).frozen()
+    x, _ = inputs(teacher)
+    first: list[torch.Tensor] = []
+    with torch.no_grad():
+        out = pipe(
+            list(PROMPTS), height=16, width=16, num_inference_steps=2, sigmas=[0.9, 0.5], guidance_scale=w,
+            latents=x, output_type="latent", max_sequence_length=QWEN_WINDOW,
+            callback_on_step_end=capture_first_step(first),
+        ).images  # fmt: skip
+        s1, s2, _ = pipe.scheduler.sigmas
+        cond = teacher.encode_prompts(PROMPTS)
+        x0 = teacher.x0(x, s1.expand(2), cond, 1.0 + w)
+        x1 = teacher.schedule.step(x, x0, s1.expand(2), s2.expand(2))
+        x0_last = teacher.x0(x1, s2.expand(2), cond, 1.0 + w)
+    torch.testing.assert_close(x1, first[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x0_last, out, rtol=1e-4, atol=1e-4)
+
+
 def test_cfg_is_affine_in_x0(family):
     teacher = teacher_of(family)
     cond = teacher.encode_prompts(PROMPTS)
     x, t = inputs(teacher)
+    if family[0] == "flux_dev":
+        # guidance-distilled: w is an input of one conditional pass (FluxDenoiser), not a mix of two branches
+        with torch.no_grad():
+            plain = teacher.predict_x0(x, t, cond.embeds)
+            guided = teacher.x0(x, t, cond, guidance=4.0)
+            without_negative = teacher.x0(x, t, Conditioning(cond.prompts, cond.embeds), guidance=4.0)
+            torch.testing.assert_close(teacher.x0(x, t, cond), plain, rtol=0, atol=0)
+        torch.testing.assert_close(guided, without_negative, rtol=0, atol=0)
+        assert not torch.allclose(guided, plain)
+        return
     with torch.no_grad():
         x0_u = teacher.predict_x0(x, t, cond.negative)
         x0_c = teacher.predict_x0(x, t, cond.embeds)
@@ -264,13 +420,14 @@ def test_decode(tmp_path):
     pixel = load_denoiser(tmp_path / "sd")
     x0 = torch.rand(2, *pixel.sample_shape) * 2 - 1
     torch.testing.assert_close(pixel.decode(x0), (x0 + 1) / 2)
-    pipe = save_sd3(tmp_path / "sd3")
-    latent = load_denoiser(tmp_path / "sd3")
-    z = torch.randn(2, *latent.sample_shape)
-    with torch.no_grad():
-        expected = pipe.vae.decode(z / 1.5 + 0.1).sample
-        torch.testing.assert_close(latent.decode(z), (expected + 1) / 2)
-    assert latent.decode(z).shape == (2, 3, 16, 16)
+    for name, save in {"sd3": save_sd3, "flux": save_flux, "zimage": save_zimage}.items():
+        pipe = save(tmp_path / name)
+        latent = load_denoiser(tmp_path / name)
+        z = torch.randn(2, *latent.sample_shape)
+        with torch.no_grad():  # the pipelines' decoding: latents / scaling_factor + shift_factor
+            expected = pipe.vae.decode(z / 1.5 + 0.1).sample
+            torch.testing.assert_close(latent.decode(z), (expected + 1) / 2)
+        assert latent.decode(z).shape == (2, 3, 16, 16)
 
 
 def test_pixart_additional_conditions(tmp_path):
@@ -306,9 +463,9 @@ def test_bad_sources(tmp_path):
     with pytest.raises(FileNotFoundError, match="no-such-model"):
         load_denoiser(missing)
     (tmp_path / "model_index.json").write_text(
-        json.dumps({"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]})
+        json.dumps({"_class_name": "HunyuanDiTPipeline", "transformer": ["diffusers", "HunyuanDiT2DModel"]})
     )
-    with pytest.raises(ValueError, match=r"model_index.json.*FluxTransformer2DModel"):
+    with pytest.raises(ValueError, match=r"model_index.json.*HunyuanDiT2DModel"):
         load_denoiser(tmp_path)
 
 

@@ -1,7 +1,8 @@
 """Tiny random-initialised diffusers pipelines (fixed seed), saved with the real pipelines' save_pretrained.
 
-Every text tower uses an offline tokenizer over lowercase letters with a 16-token window, so a prompt of more than
-14 letters is truncated. Each build takes well under a second on the CPU.
+Every CLIP / T5 tower uses an offline tokenizer over lowercase letters with a 16-token window, so a prompt of more
+than 14 letters is truncated; Z-Image's Qwen3 reads a byte-level BPE without merges (one token per byte) through a
+Qwen3-style chat template, in a 48-token window. Each build takes well under a second on the CPU.
 """
 
 from __future__ import annotations
@@ -13,26 +14,47 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     PixArtAlphaPipeline,
     PixArtTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
 )
+from tokenizers.pre_tokenizers import ByteLevel
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Qwen2Tokenizer,
+    Qwen3Config,
+    Qwen3Model,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
 )
 
 WINDOW = 16
+QWEN_WINDOW = 48
 LETTERS = string.ascii_lowercase
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Qwen3's chat template for one user turn: the same strings, generation prompt and enable_thinking switch
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
 
 
 def clip_tokenizer() -> CLIPTokenizer:
@@ -48,6 +70,31 @@ def t5_tokenizer() -> T5Tokenizer:
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     pieces += [("▁" + c, -1.0) for c in LETTERS] + [(c, -2.0) for c in LETTERS]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=WINDOW)
+
+
+def qwen_tokenizer() -> Qwen2Tokenizer:
+    """Byte-level BPE over the 256 byte symbols, no merges, Qwen's special tokens and a Qwen3-style chat template."""
+    vocab = {symbol: i for i, symbol in enumerate(sorted(ByteLevel.alphabet()))}
+    vocab |= {token: len(vocab) + i for i, token in enumerate(QWEN_SPECIAL)}
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=[], model_max_length=QWEN_WINDOW, extra_special_tokens=QWEN_SPECIAL[1:]
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def qwen_encoder(hidden: int) -> Qwen3Model:
+    config = Qwen3Config(
+        vocab_size=256 + len(QWEN_SPECIAL),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=hidden // 2,
+        max_position_embeddings=QWEN_WINDOW,
+    )
+    return Qwen3Model(config)
 
 
 def clip_encoder(hidden: int, projection: bool) -> CLIPTextModel:
@@ -183,6 +230,100 @@ def save_sd3(folder: Path, seed: int = 0) -> StableDiffusion3Pipeline:
         tokenizer_2=clip_tokenizer(),
         text_encoder_3=t5_encoder(64),
         tokenizer_3=t5_tokenizer(),
+    )
+    pipe.save_pretrained(folder)
+    return pipe
+
+
+def save_sdxl(folder: Path, seed: int = 0) -> StableDiffusionXLPipeline:
+    """SDXL-style: text_time UNet over 4 x 8 x 8 latents; CLIP 16 + CLIP 32 with projection (cross-attention 48,
+    pooled 32, 6 time ids x 8 + 32 = 80 added features); Euler, as SDXL base ships."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=48,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80,
+        norm_num_groups=8,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_vae(),
+        text_encoder=clip_encoder(16, projection=False),
+        text_encoder_2=clip_encoder(32, projection=True),
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+    )
+    pipe.save_pretrained(folder)
+    return pipe
+
+
+def save_flux(folder: Path, guidance_embeds: bool = True, seed: int = 0) -> FluxPipeline:
+    """FLUX-style: FluxTransformer2DModel over 4 x 8 x 8 latents packed into 16 tokens of 16; CLIP 16 (pooled) + T5 32;
+    guidance embedding (dev) or not (schnell); shifted VAE; dynamically shifted FlowMatchEuler."""
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=16,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(2, 2, 4),
+    )
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
+        vae=tiny_vae(shift_factor=0.1, scaling_factor=1.5),
+        text_encoder=clip_encoder(16, projection=False),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=t5_encoder(32),
+        tokenizer_2=t5_tokenizer(),
+        transformer=transformer,
+    )
+    pipe.save_pretrained(folder)
+    return pipe
+
+
+def save_zimage(folder: Path, seed: int = 0) -> ZImagePipeline:
+    """Z-Image-style: ZImageTransformer2DModel (dim 32, 2x2 patches) over 4 x 8 x 8 latents; Qwen3 32; shifted VAE."""
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(
+        in_channels=4,
+        dim=32,
+        n_layers=1,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=32,
+        axes_dims=[4, 6, 6],
+        axes_lens=[128, 16, 16],
+    )
+    pipe = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny_vae(shift_factor=0.1, scaling_factor=1.5),
+        text_encoder=qwen_encoder(32),
+        tokenizer=qwen_tokenizer(),
+        transformer=transformer,
     )
     pipe.save_pretrained(folder)
     return pipe

@@ -37,13 +37,25 @@ class DiffusersDenoiser(Denoiser):
     Moving the adapter (`.to`, `.cuda`, ...) moves the frozen parts too, shared copies included.
     """
 
-    def __init__(self, net: nn.Module, schedule: Schedule, text: PromptEncoder, vae: nn.Module | None, precision: str):
+    def __init__(
+        self,
+        net: nn.Module,
+        schedule: Schedule,
+        text: PromptEncoder,
+        vae: nn.Module | None,
+        precision: str,
+        sample_shape: tuple[int, ...] | None = None,
+    ):
+        """`sample_shape` defaults to (in_channels, sample_size) of the network's config (networks without one,
+        FLUX and Z-Image, pass it)."""
         super().__init__()
         self.net, self.schedule = net, schedule
         self.frozen_parts = FrozenParts(text, vae)
         self.precision = check_precision(precision)
-        size = net.config.sample_size
-        self.sample_shape = (int(net.config.in_channels), *((size, size) if isinstance(size, int) else size))
+        if sample_shape is None:
+            size = net.config.sample_size
+            sample_shape = (int(net.config.in_channels), *((size, size) if isinstance(size, int) else size))
+        self.sample_shape = tuple(sample_shape)
 
     def autocast(self) -> Any:
         """bf16 autocast around network calls when precision is 'bf16'."""

@@ -12,9 +12,11 @@ from typing import Any
 
 from didr.backbones.adapter import DiffusersDenoiser
 from didr.backbones.flow import SD3FlowDenoiser
+from didr.backbones.flux import FluxDenoiser
 from didr.backbones.pixart import PixArtDenoiser
 from didr.backbones.text import PromptEncoder, TextTower
 from didr.backbones.unet import UNetDenoiser
+from didr.backbones.zimage import ZImageDenoiser
 from didr.diffusion import FlowSchedule, VPSchedule
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -50,38 +52,102 @@ def _vp_prediction(components: Mapping[str, Any]) -> tuple[VPSchedule, str]:
     return VPSchedule.from_scheduler_config(config), config.get("prediction_type", "epsilon")
 
 
-def _unet(pipeline: str, components: Mapping[str, Any], precision: str) -> DiffusersDenoiser:
-    """SD1.5 / SD2 read CLIP's last_hidden_state; two-encoder (SDXL) pipelines read hidden_states[-2]."""
+def _flow_schedule(components: Mapping[str, Any]) -> FlowSchedule:
+    return FlowSchedule(int(components["scheduler"].config["num_train_timesteps"]))
+
+
+def vae_scale_factor(vae: Any | None) -> int:
+    """Pixels per latent, 2^(len(block_out_channels) - 1), as diffusers' pipelines compute it (8 without a VAE)."""
+    return 8 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def latent_size(vae: Any) -> tuple[int, int]:
+    """The latent (H, W) of the VAE's own sample_size in pixels (FLUX.1's VAE says 1024, the pipelines' default
+    resolution), rounded as FluxPipeline / ZImagePipeline.prepare_latents do: 2 (pixels // (2 vae_scale_factor))."""
+    size = vae.config.sample_size
+    scale = vae_scale_factor(vae)
+    return tuple(2 * (int(n) // (2 * scale)) for n in ((size, size) if isinstance(size, int) else size))
+
+
+def _unet(pipeline: str, components: Mapping[str, Any], precision: str, config: Mapping[str, Any]) -> DiffusersDenoiser:
+    """SD1.5 / SD2 read CLIP's last_hidden_state. Two-encoder (SDXL) pipelines read hidden_states[-2], pool
+    text_encoder_2's projection and, with force_zeros_for_empty_prompt (the pipeline's default), use zeros as the
+    negative."""
     schedule, prediction_type = _vp_prediction(components)
-    clip_layer = -2 if components.get("text_encoder_2") is not None else None
-    text = PromptEncoder(text_towers(components, clip_layer, None))
-    return UNetDenoiser(components["unet"], schedule, text, components.get("vae"), prediction_type, precision)
+    net, vae, second = components["unet"], components.get("vae"), components.get("text_encoder_2")
+    if net.config.addition_embed_type == "text_time":
+        pooled = int(second.config.projection_dim)
+        passed = 6 * int(net.config.addition_time_embed_dim) + pooled
+        expected = net.add_embedding.linear_1.in_features
+        if passed != expected:
+            raise ValueError(
+                f"{pipeline}: the UNet's added embedding takes {expected} features, but 6 time ids x "
+                f"addition_time_embed_dim {net.config.addition_time_embed_dim} + pooled {pooled} give {passed}"
+            )
+    zeros = second is not None and bool(config.get("force_zeros_for_empty_prompt", True))
+    text = PromptEncoder(text_towers(components, -2 if second is not None else None, None), zero_negative=zeros)
+    return UNetDenoiser(net, schedule, text, vae, prediction_type, precision, vae_scale_factor(vae))
 
 
-def _pixart(pipeline: str, components: Mapping[str, Any], precision: str) -> DiffusersDenoiser:
+def _pixart(
+    pipeline: str, components: Mapping[str, Any], precision: str, config: Mapping[str, Any]
+) -> DiffusersDenoiser:
     """T5 with its attention mask, 120 tokens (PixArt-alpha) or 300 (PixArt-sigma), as diffusers' pipelines."""
     schedule, prediction_type = _vp_prediction(components)
     if prediction_type != "epsilon":
         raise ValueError(f"PixArt adapters predict epsilon; the scheduler says {prediction_type!r}")
     text = PromptEncoder(text_towers(components, None, 300 if "Sigma" in pipeline else 120), mask=True)
     vae = components.get("vae")
-    scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    scale = vae_scale_factor(vae) if vae is not None else 1
     return PixArtDenoiser(components["transformer"], schedule, text, vae, precision, vae_scale_factor=scale)
 
 
-def _sd3(pipeline: str, components: Mapping[str, Any], precision: str) -> DiffusersDenoiser:
+def _sd3(pipeline: str, components: Mapping[str, Any], precision: str, config: Mapping[str, Any]) -> DiffusersDenoiser:
     """SD3: CLIP hidden_states[-2] concatenated, padded to joint_attention_dim, then T5 (256 tokens) appended."""
     net = components["transformer"]
-    schedule = FlowSchedule(int(components["scheduler"].config["num_train_timesteps"]))
     text = PromptEncoder(text_towers(components, -2, 256), width=int(net.config.joint_attention_dim))
-    return SD3FlowDenoiser(net, schedule, text, components.get("vae"), precision)
+    return SD3FlowDenoiser(net, _flow_schedule(components), text, components.get("vae"), precision)
 
 
-Builder = Callable[[str, Mapping[str, Any], str], DiffusersDenoiser]
+def _flux(pipeline: str, components: Mapping[str, Any], precision: str, config: Mapping[str, Any]) -> DiffusersDenoiser:
+    """FLUX.1: CLIPTextModel's pooler_output only, T5 last_hidden_state (512 tokens, FluxPipeline's default)."""
+    text = PromptEncoder(
+        [
+            TextTower(components["tokenizer"], components["text_encoder"], pooled_only=True),
+            TextTower(components["tokenizer_2"], components["text_encoder_2"], max_length=512),
+        ]
+    )
+    vae = components["vae"]
+    return FluxDenoiser(
+        components["transformer"], _flow_schedule(components), text, vae, precision, latent_size=latent_size(vae)
+    )
+
+
+def _zimage(
+    pipeline: str, components: Mapping[str, Any], precision: str, config: Mapping[str, Any]
+) -> DiffusersDenoiser:
+    """Z-Image: the Qwen3 encoder's hidden_states[-2] over the chat-templated prompt, 512 tokens, with its mask."""
+    tower = TextTower(
+        components["tokenizer"], components["text_encoder"], hidden_layer=-2, max_length=512, chat_template=True
+    )
+    vae = components["vae"]
+    return ZImageDenoiser(
+        components["transformer"],
+        _flow_schedule(components),
+        PromptEncoder([tower], mask=True),
+        vae,
+        precision,
+        latent_size=latent_size(vae),
+    )
+
+
+Builder = Callable[[str, Mapping[str, Any], str, Mapping[str, Any]], DiffusersDenoiser]
 ADAPTERS: dict[str, Builder] = {
     "UNet2DConditionModel": _unet,
     "PixArtTransformer2DModel": _pixart,
     "SD3Transformer2DModel": _sd3,
+    "FluxTransformer2DModel": _flux,
+    "ZImageTransformer2DModel": _zimage,
 }
 
 
@@ -102,12 +168,16 @@ def adapter_for(name: str, source: str) -> Builder:
 
 
 def denoiser_from_components(
-    pipeline: str, components: Mapping[str, Any], precision: str = "fp32"
+    pipeline: str, components: Mapping[str, Any], precision: str = "fp32", config: Mapping[str, Any] | None = None
 ) -> DiffusersDenoiser:
-    """The adapter for loaded pipeline components (e.g. `pipe.components`) of pipeline class `pipeline`."""
+    """The adapter for loaded pipeline components (e.g. `pipe.components`) of pipeline class `pipeline`.
+
+    `config` is the pipeline's own config (`pipe.config`, model_index.json), e.g. SDXL's force_zeros_for_empty_prompt;
+    missing entries take the pipeline classes' defaults.
+    """
     net = components.get("unet")
     net = components.get("transformer") if net is None else net
-    return adapter_for(type(net).__name__, f"{pipeline} components")(pipeline, components, precision)
+    return adapter_for(type(net).__name__, f"{pipeline} components")(pipeline, components, precision, config or {})
 
 
 def _offline() -> bool:
@@ -160,4 +230,4 @@ def load_denoiser(
         for key in COMPONENTS
         if isinstance(index.get(key), list) and index[key][0] is not None
     }
-    return build(index["_class_name"], components, precision).to(device)
+    return build(index["_class_name"], components, precision, index).to(device)

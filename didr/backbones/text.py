@@ -1,7 +1,8 @@
 """Frozen prompt encoders: tokenizer + text-encoder towers (CLIP, CLIP with projection, T5) to a backbone's embeds.
 
 Embedding keys: "hidden" [B, L, D] (the cross-attention context), "pooled" [B, P] (concatenated CLIP projections,
-when some tower has one) and "mask" [B, L] (token attention mask, for backbones that take one).
+or FLUX's CLIP pooler_output, when some tower has one) and "mask" [B, L] (token attention mask, for backbones that
+take one).
 """
 
 from __future__ import annotations
@@ -22,14 +23,18 @@ from didr.backbones.base import Conditioning
 class TextTower:
     """One tokenizer and its text encoder.
 
-    `hidden_layer` None takes last_hidden_state (SD1.5, T5); an int indexes hidden_states (SDXL and SD3 use -2).
-    `max_length` caps the tokenizer's own window (PixArt feeds T5 120 tokens, SD3 256).
+    `hidden_layer` None takes last_hidden_state (SD1.5, T5); an int indexes hidden_states (SDXL, SD3 and Z-Image's
+    Qwen3 use -2). `max_length` caps the tokenizer's own window (PixArt feeds T5 120 tokens, SD3 256, FLUX and
+    Z-Image 512). `pooled_only`: the tower gives only its pooler_output, as "pooled" (FLUX's CLIPTextModel).
+    `chat_template`: each prompt is wrapped as one user turn of the tokenizer's chat template (Z-Image).
     """
 
     tokenizer: Any
     encoder: nn.Module
     hidden_layer: int | None = None
     max_length: int | None = None
+    pooled_only: bool = False
+    chat_template: bool = False
 
     @property
     def window(self) -> int:
@@ -40,18 +45,32 @@ class TextTower:
     def is_clip(self) -> bool:
         return self.encoder.config.model_type.startswith("clip")
 
+    def texts(self, prompts: list[str]) -> list[str]:
+        """What the tokenizer reads: the prompts, or (chat_template) each as ZImagePipeline._encode_prompt renders it,
+        apply_chat_template([user turn], tokenize=False, add_generation_prompt=True, enable_thinking=True)."""
+        if not self.chat_template:
+            return prompts
+        return [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True, enable_thinking=True
+            )
+            for p in prompts
+        ]
+
     def too_long(self, prompts: list[str]) -> list[str]:
         """The prompts whose tokens (special tokens included) overflow the window."""
-        ids = self.tokenizer(prompts, truncation=True, max_length=self.window + 1)["input_ids"]
+        ids = self.tokenizer(self.texts(prompts), truncation=True, max_length=self.window + 1)["input_ids"]
         return [p for p, i in zip(prompts, ids, strict=True) if len(i) > self.window]
 
-    def encode(self, prompts: list[str], use_mask: bool) -> tuple[Tensor, Tensor | None, Tensor]:
-        """(hidden [B, L, D], projected pooled [B, P] or None, attention mask [B, L]) for the prompts."""
+    def encode(self, prompts: list[str], use_mask: bool) -> tuple[Tensor | None, Tensor | None, Tensor]:
+        """(hidden [B, L, D] or None when pooled_only, pooled [B, P] or None, attention mask [B, L])."""
         tokens = self.tokenizer(
-            prompts, padding="max_length", max_length=self.window, truncation=True, return_tensors="pt"
+            self.texts(prompts), padding="max_length", max_length=self.window, truncation=True, return_tensors="pt"
         ).to(self.encoder.device)
         mask = tokens["attention_mask"] if use_mask else None
         out = self.encoder(tokens["input_ids"], attention_mask=mask, output_hidden_states=self.hidden_layer is not None)
+        if self.pooled_only:
+            return None, out.pooler_output, tokens["attention_mask"]
         hidden = out.last_hidden_state if self.hidden_layer is None else out.hidden_states[self.hidden_layer]
         return hidden, getattr(out, "text_embeds", None), tokens["attention_mask"]
 
@@ -61,13 +80,17 @@ class PromptEncoder:
 
     CLIP towers' hidden states are concatenated along features; other towers (T5) are appended along the sequence,
     every block zero-padded to the widest feature size or to `width` (SD3's joint_attention_dim). "pooled" is the
-    concatenation of the CLIP projections. A plain object, not an nn.Module, so that adapters can share it.
+    concatenation of the towers' pooled outputs. `zero_negative` makes the negative all zeros instead of the empty
+    prompt's embeddings (SDXL's force_zeros_for_empty_prompt). A plain object, not an nn.Module, so that adapters
+    can share it.
     """
 
-    def __init__(self, towers: Sequence[TextTower], width: int | None = None, mask: bool = False):
+    def __init__(
+        self, towers: Sequence[TextTower], width: int | None = None, mask: bool = False, zero_negative: bool = False
+    ):
         if not towers:
             raise ValueError("PromptEncoder needs at least one (tokenizer, text encoder) tower")
-        self.towers, self.width, self.mask = list(towers), width, mask
+        self.towers, self.width, self.mask, self.zero_negative = list(towers), width, mask, zero_negative
         for tower in self.towers:
             tower.encoder.requires_grad_(False).eval()
 
@@ -79,9 +102,10 @@ class PromptEncoder:
     def embed(self, prompts: list[str]) -> dict[str, Tensor]:
         """The embedding dict of a list of prompts (no negative)."""
         outs = [(tower, *tower.encode(prompts, self.mask)) for tower in self.towers]
-        clip = [o for o in outs if o[0].is_clip]
+        hidden = [o for o in outs if o[1] is not None]
+        clip = [o for o in hidden if o[0].is_clip]
         blocks = [(torch.cat([o[1] for o in clip], dim=-1), clip[0][3])] if clip else []
-        blocks += [(o[1], o[3]) for o in outs if not o[0].is_clip]
+        blocks += [(o[1], o[3]) for o in hidden if not o[0].is_clip]
         width = self.width or max(h.shape[-1] for h, _ in blocks)
         embeds = {"hidden": torch.cat([F.pad(h, (0, width - h.shape[-1])) for h, _ in blocks], dim=1)}
         pooled = [o[2] for o in outs if o[2] is not None]
@@ -92,7 +116,7 @@ class PromptEncoder:
         return embeds
 
     def __call__(self, prompts: Sequence[str]) -> Conditioning:
-        """Embeddings of the prompts, with those of the empty prompt repeated over the batch as `negative`."""
+        """Embeddings of the prompts; those of the empty prompt (or zeros) repeated over the batch as `negative`."""
         prompts = list(prompts)
         if not prompts:
             raise ValueError("cannot encode an empty list of prompts")
@@ -104,5 +128,7 @@ class PromptEncoder:
                     stacklevel=3,
                 )
         empty = self.embed([""])
+        if self.zero_negative:
+            empty = {k: torch.zeros_like(v) for k, v in empty.items()}
         negative = {k: v.expand(len(prompts), *v.shape[1:]) for k, v in empty.items()}
         return Conditioning(prompts, self.embed(prompts), negative)
