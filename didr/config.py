@@ -20,10 +20,10 @@ SCHEMA = Path(__file__).with_name("params.schema.yaml")  # a link to workflow/sc
 # The params each stage reads (sections or section.key): a Snakemake job or DVC stage reruns when one changes.
 STAGE_PARAMS = {
     "teacher": ["seed", "teacher", "prompts"],
-    "warmup": ["seed", "warmup", "align.t_min", "align.t_max_sampling"],
-    "align": ["align", "rewards.train"],
+    "warmup": ["seed", "warmup", "finetune", "align.t_min", "align.t_max_sampling"],
+    "align": ["align", "finetune", "rewards.train", "rewards.models"],
     "sample": ["sample"],
-    "score": ["seed", "rewards.eval"],
+    "score": ["seed", "rewards.eval", "rewards.models", "score"],
     "report": ["rewards.eval"],
 }
 
@@ -34,9 +34,14 @@ class ConfigError(ValueError):
 
 @dataclass
 class TeacherParams:
-    """Teacher caching: for the toy world, train the teacher and the toy rewards from scratch."""
+    """Teacher caching: for the toy world (vp, flow) train the teacher and the toy rewards from scratch; for a
+    pretrained pipeline, resolve `source` at the pinned `revision` into the local cache. Both cache the prompts'
+    embeddings."""
 
     kind: str = "vp"
+    source: str | None = None
+    revision: str | None = None
+    precision: str = "fp32"
     size: int = 16
     steps: int = 1000
     batch_size: int = 32
@@ -45,6 +50,15 @@ class TeacherParams:
     reward_seed: int = 0
     reward_alignment_steps: int = 1200
     reward_preference_steps: int = 800
+
+
+@dataclass
+class FinetuneParams:
+    """How the generator and the fake score train: full fine-tuning (lora_rank 0) or LoRA, with or without
+    gradient checkpointing."""
+
+    lora_rank: int = 0
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -61,6 +75,7 @@ class RewardParams:
 
     train: str = "toy_preference"
     eval: list[str] = field(default_factory=lambda: ["toy_preference", "toy_aesthetic", "toy_alignment", "toy_utility"])
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -71,6 +86,7 @@ class WarmupParams:
     steps: int = 100
     batch_size: int = 32
     lr: float = 1e-4
+    generator_weights: dict[str, str] | None = None
 
 
 @dataclass
@@ -103,6 +119,16 @@ class SampleParams:
     seed: int = 1234
 
 
+@dataclass
+class ScoreParams:
+    """Fidelity features: the toy classifier's (against rendered real images) or FID Inception's (against a
+    reference file of real images' features)."""
+
+    features: str = "toy_alignment"
+    inception: str | None = None
+    reference: str | None = None
+
+
 def default_grid() -> dict:
     return {"seeds": [0], "methods": {"didr": {"beta": [0.03]}}}
 
@@ -114,11 +140,13 @@ class Params:
     experiment: str = "embedded"
     seed: int = 0
     teacher: TeacherParams = field(default_factory=TeacherParams)
+    finetune: FinetuneParams = field(default_factory=FinetuneParams)
     prompts: PromptParams = field(default_factory=PromptParams)
     rewards: RewardParams = field(default_factory=RewardParams)
     warmup: WarmupParams = field(default_factory=WarmupParams)
     align: AlignParams = field(default_factory=AlignParams)
     sample: SampleParams = field(default_factory=SampleParams)
+    score: ScoreParams = field(default_factory=ScoreParams)
     grid: dict = field(default_factory=default_grid)
 
 
@@ -195,15 +223,47 @@ def _is_float(text: str) -> bool:
     return True
 
 
+def _used_rewards(rewards: dict[str, Any]) -> list[tuple[str, str]]:
+    """(key, registry name) of the training reward and every evaluation reward."""
+    names = [("rewards.train", rewards.get("train", RewardParams.train))]
+    return names + [(f"rewards.eval[{i}]", name) for i, name in enumerate(rewards.get("eval", RewardParams().eval))]
+
+
 def _unknown_reward(rewards: dict[str, Any]) -> str | None:
     from didr.rewards.registry import known_rewards
 
-    known = known_rewards()
-    names = [("rewards.train", rewards.get("train", RewardParams.train))]
-    names += [(f"rewards.eval[{i}]", name) for i, name in enumerate(rewards.get("eval", []))]
-    for key, name in names:
+    known, used = known_rewards(), _used_rewards(rewards)
+    for key, name in used:
         if name not in known:
             return f"{key}: unknown reward {name!r} (registered: {', '.join(known)})"
+    for name in rewards.get("models", {}):
+        if name not in {used_name for _, used_name in used}:
+            return f"rewards.models.{name}: not a reward of rewards.train or rewards.eval"
+    return None
+
+
+def _world_mismatch(data: dict[str, Any]) -> str | None:
+    """Toy rewards and toy features exist only in the embedded world; a pretrained source must be a folder with a
+    model_index.json or a hub id pinned to a commit."""
+    from didr.backbones.loading import HUB_ID
+
+    teacher = data.get("teacher", {})
+    if teacher.get("kind", TeacherParams.kind) != "pretrained":
+        return None
+    for key, name in _used_rewards(data.get("rewards", {})):
+        if name.startswith("toy_"):
+            return f"{key}: {name} exists only in the embedded world (teacher.kind vp or flow), not for pretrained"
+    if data.get("score", {}).get("features", ScoreParams.features) == "toy_alignment":
+        return "score.features: toy_alignment exists only in the embedded world; use inception for a pretrained teacher"
+    source = teacher["source"]
+    if Path(source).exists():
+        if not (Path(source) / "model_index.json").is_file():
+            return f"teacher.source: {source} has no model_index.json (not a diffusers pipeline folder)"
+        return None
+    if not HUB_ID.match(source):
+        return f"teacher.source: {source} is neither a local folder nor a hub id (owner/name)"
+    if "revision" not in teacher:
+        return f"teacher.revision: missing (the hub model {source} must be pinned to a commit)"
     return None
 
 
@@ -225,7 +285,7 @@ def load_params(path: str | Path, overrides: list[str] = ()) -> Params:
         a = {**dataclasses.asdict(AlignParams()), **data.get("align", {})}
         if not a["t_min"] < a["t_max_sampling"]:
             problem = "align.t_min: must be below align.t_max_sampling"
-        problem = problem or _unknown_reward(data.get("rewards", {}))
+        problem = problem or _unknown_reward(data.get("rewards", {})) or _world_mismatch(data)
     if problem is not None:
         raise ConfigError(f"{path}: {problem}")
     return _build(Params, data)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from safetensors.torch import load_file
 
 from didr.cli import main
 from didr.toy.data import prompt_sets
@@ -116,6 +117,29 @@ def test_align_resumes_instead_of_redoing(world, capsys):
     assert len(list((root / "align-resume.checkpoints").iterdir())) == 2
 
 
+def test_lora_with_checkpointing_saves_adapters_and_starts_at_the_full_warm_start(world, tmp_path):
+    root, p = world
+    teacher = str(root / "teacher")
+    lora = [*p, "--set", "finetune.lora_rank=2", "--set", "finetune.gradient_checkpointing=true"]
+    warmup, aligned = tmp_path / "warmup", tmp_path / "align"
+    assert run("warmup", *lora, "--teacher", teacher, "--out", str(warmup)) == 0
+    assert run("align", *lora, "--teacher", teacher, "--warmup", str(warmup), "--out", str(aligned),
+               "--method", "didr", "--strength", "1") == 0  # fmt: skip
+    full = load_file(root / "warmup" / "generator.safetensors")
+    for folder in (warmup, aligned):
+        for name in ("generator", "fake"):
+            saved = load_file(folder / f"{name}.safetensors")
+            assert saved and all("lora_" in key for key in saved)
+            assert sum(t.numel() for t in saved.values()) < sum(t.numel() for t in full.values()) / 4
+    assert any(t.abs().sum() > 0 for k, t in load_file(aligned / "generator.safetensors").items() if "lora_B" in k)
+    for name, generator in {"full": root / "warmup", "lora": warmup}.items():
+        assert run("sample", *p, "--teacher", teacher, "--generator", str(generator),
+                   "--out", str(tmp_path / f"samples-{name}")) == 0  # fmt: skip
+    for path in pd.read_parquet(tmp_path / "samples-lora" / "index.parquet")["path"]:
+        # LoRA's B starts at zero: the LoRA warm start draws exactly the full warm start's images
+        assert (tmp_path / "samples-lora" / path).read_bytes() == (tmp_path / "samples-full" / path).read_bytes()
+
+
 def test_bad_inputs_fail_with_one_line_naming_the_file(world, capsys, tmp_path):
     root, p = world
     teacher = str(root / "teacher")
@@ -153,4 +177,4 @@ def test_bad_inputs_fail_with_one_line_naming_the_file(world, capsys, tmp_path):
         "teacher", "--params", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "t")
     )
     assert not (tmp_path / "t").exists()
-    assert "no teacher pipeline" in error_of("sample", *p, "--teacher", str(missing), "--out", str(tmp_path / "s"))
+    assert "no teacher stage output" in error_of("sample", *p, "--teacher", str(missing), "--out", str(tmp_path / "s"))

@@ -14,8 +14,8 @@ from didr.diffusion import UniformTime
 from didr.grid import Run
 from didr.objectives import DI, DIDR, DMD2, METHODS, DIPlusPlus, FakeScoreLoss, RewardOnly
 from didr.rewards.base import Reward
-from didr.stages.common import load_generator, load_prompts, load_reward, load_teacher, pick_device
-from didr.stages.io import load_weights, save_weights, write_text_atomic
+from didr.stages.common import load_fake, load_generator, load_prompts, load_reward, load_teacher, pick_device
+from didr.stages.io import save_weights, write_text_atomic
 from didr.training.atomic import atomic_dir
 from didr.training.loop import align
 
@@ -58,10 +58,8 @@ def run_align(
     run's overrides."""
     dev = pick_device(device)
     teacher = load_teacher(teacher_dir, dev)
-    reward = load_reward(params.rewards.train, teacher_dir, dev)
-    generator = load_generator(teacher, warmup_dir).train()
-    fake = teacher.trainable_copy()
-    load_weights(fake, warmup_dir / "fake.safetensors")
+    reward = load_reward(params.rewards.train, teacher_dir, dev, params.rewards.models.get(params.rewards.train))
+    generator, fake = load_generator(teacher, warmup_dir).train(), load_fake(teacher, warmup_dir)
     a = params.align
     method, strength, seed = run.method, run.strength, run.seed
     objective = method_objective(method, strength, teacher, fake, reward, a)
@@ -69,7 +67,10 @@ def run_align(
         "stage": "align", "method": method, "strength": strength, "seed": seed, "run": run.id,
         "setting": run.setting, "params": asdict(params), "generator": {"t_star": generator.t_star},
     }  # fmt: skip
-    identity = json.dumps({"align": asdict(a), "reward": params.rewards.train, "run": run.id}, sort_keys=True)
+    identity = json.dumps(
+        {"align": asdict(a), "finetune": asdict(params.finetune), "reward": params.rewards.train, "run": run.id},
+        sort_keys=True,
+    )
     checkpoint_dir = (checkpoint_dir or out.with_name(out.name + ".checkpoints")) / sha256(
         identity.encode()
     ).hexdigest()[:12]

@@ -1,15 +1,18 @@
-"""Loading what earlier stages wrote: the teacher, its prompt embeddings, generators and rewards."""
+"""Loading what earlier stages wrote: the teacher, its prompt embeddings, generators, fake scores and rewards."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from didr.backbones.base import Conditioning, Denoiser
+from didr.backbones.hub import resolve_file
 from didr.backbones.loading import load_denoiser
+from didr.backbones.tuning import add_lora, enable_gradient_checkpointing
 from didr.rewards.base import Reward
 from didr.rewards.registry import build_reward
 from didr.stages.io import StageInputError, load_embeddings, load_weights
@@ -21,10 +24,18 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def load_teacher(teacher_dir: Path, device: torch.device) -> Denoiser:
-    """The frozen teacher saved by the teacher stage (a diffusers pipeline folder)."""
-    if not (teacher_dir / "pipeline").is_dir():
-        raise StageInputError(f"{teacher_dir / 'pipeline'}: no teacher pipeline (run `didr teacher` first)")
-    return load_denoiser(teacher_dir / "pipeline").to(device).frozen()
+    """The frozen teacher of the teacher stage: its trained pipeline folder (embedded world) or the pretrained
+    pipeline it pinned (source at revision, from the local cache), at the precision of its params."""
+    if not (teacher_dir / "params.json").is_file():
+        raise StageInputError(f"{teacher_dir}: no teacher stage output (run `didr teacher` first)")
+    t = read_run_params(teacher_dir)["params"]["teacher"]
+    if t["kind"] == "pretrained":
+        source, revision = t["source"], t["revision"]
+    else:
+        source, revision = teacher_dir / "pipeline", None
+        if not source.is_dir():
+            raise StageInputError(f"{source}: no teacher pipeline (run `didr teacher` first)")
+    return load_denoiser(source, revision, precision=t["precision"]).to(device).frozen()
 
 
 def load_prompts(teacher_dir: Path, split: str, device: torch.device) -> Conditioning:
@@ -32,9 +43,10 @@ def load_prompts(teacher_dir: Path, split: str, device: torch.device) -> Conditi
     return load_embeddings(teacher_dir / "embeddings", split).to(device)
 
 
-def load_reward(name: str, teacher_dir: Path, device: torch.device) -> Reward:
-    """A registered reward; trained toy rewards come from the teacher stage's rewards folder."""
-    reward = build_reward(name, folder=teacher_dir / "rewards")
+def load_reward(name: str, teacher_dir: Path, device: torch.device, options: dict[str, Any] | None = None) -> Reward:
+    """A registered reward built with its options (rewards.models); toy rewards come from the teacher stage's
+    rewards folder."""
+    reward = build_reward(name, folder=teacher_dir / "rewards", **(options or {}))
     return reward.to(device) if isinstance(reward, nn.Module) else reward
 
 
@@ -46,9 +58,56 @@ def read_run_params(run_dir: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def load_network_weights(denoiser: Denoiser, spec: dict[str, str]) -> None:
+    """Replace a copy's network weights by a state dict file (warmup.generator_weights): a local file, or `file` of
+    the hub repo `source` at `revision`. safetensors, or a torch state dict read with weights_only (no code runs)."""
+    path = resolve_file(spec["file"], spec.get("source"), spec.get("revision"))
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    own = denoiser.net.state_dict()
+    if set(state) != set(own):
+        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        raise StageInputError(f"{path}: weights of another network (missing {missing[:3]}, unexpected {extra[:3]})")
+    denoiser.net.load_state_dict(state)
+
+
+def finetuned(copy: Denoiser, finetune: dict[str, Any]) -> Denoiser:
+    """A trainable copy set up as params.finetune says: LoRA of rank lora_rank (0: full), gradient checkpointing."""
+    if finetune["lora_rank"] > 0:
+        add_lora(copy, finetune["lora_rank"])
+    if finetune["gradient_checkpointing"]:
+        enable_gradient_checkpointing(copy)
+    return copy
+
+
+def new_generator(teacher: Denoiser, params: dict[str, Any]) -> nn.Module:
+    """The one-step generator at warmup.t_star: the teacher's network, or warmup.generator_weights, fine-tuned as
+    params.finetune says (`params` as a stage's params.json holds them)."""
+    generator = teacher.make_generator(t_star=params["warmup"]["t_star"])
+    if params["warmup"]["generator_weights"] is not None:
+        load_network_weights(generator.body, params["warmup"]["generator_weights"])
+    finetuned(generator.body, params["finetune"])
+    return generator
+
+
+def new_fake(teacher: Denoiser, params: dict[str, Any]) -> Denoiser:
+    """The fake score: a trainable copy of the teacher, fine-tuned as params.finetune says."""
+    return finetuned(teacher.trainable_copy(), params["finetune"])
+
+
 def load_generator(teacher: Denoiser, run_dir: Path) -> nn.Module:
-    """The one-step generator saved by the warmup or align stage (its weights and its t*)."""
-    t_star = read_run_params(run_dir)["generator"]["t_star"]
-    generator = teacher.make_generator(t_star=t_star)
+    """The one-step generator saved by the warmup or align stage (rebuilt from its params, then its weights)."""
+    generator = new_generator(teacher, read_run_params(run_dir)["params"])
     load_weights(generator, run_dir / "generator.safetensors")
     return generator.eval()
+
+
+def load_fake(teacher: Denoiser, run_dir: Path) -> Denoiser:
+    """The fake score saved by the warmup or align stage."""
+    fake = new_fake(teacher, read_run_params(run_dir)["params"])
+    load_weights(fake, run_dir / "fake.safetensors")
+    return fake

@@ -23,9 +23,17 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def trained_state(module: nn.Module) -> dict[str, Tensor]:
+    """The tensors a stage saves of a trained copy: only its LoRA weights when it has any (the rest is the pinned
+    teacher, or the pinned initial weights), else its whole state dict."""
+    state = module.state_dict()
+    lora = {k: v for k, v in state.items() if "lora_" in k}
+    return lora or state
+
+
 def save_weights(module: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """A module's state dict as safetensors, written atomically."""
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    """A module's trained state (`trained_state`) as safetensors, written atomically."""
+    state = {k: v.detach().contiguous().cpu() for k, v in trained_state(module).items()}
     write_atomically(path, lambda tmp: save_file(state, tmp, metadata=metadata))
 
 
@@ -37,14 +45,14 @@ def load_weights(module: nn.Module, path: Path) -> None:
         state = load_file(path)
     except (SafetensorError, OSError) as error:
         raise StageInputError(f"{path}: not a readable safetensors file ({error})") from None
-    own = module.state_dict()
+    own = trained_state(module)
     if set(state) != set(own):
         missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         raise StageInputError(f"{path}: weights of another model (missing {missing[:3]}, unexpected {extra[:3]})")
     for key, value in state.items():
         if value.shape != own[key].shape:
             raise StageInputError(f"{path}: {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
-    module.load_state_dict(state)
+    module.load_state_dict(state, strict=False)
 
 
 def read_prompts(path: Path) -> list[str]:

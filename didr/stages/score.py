@@ -54,7 +54,8 @@ def run_score(
     prompts = index["prompt"].tolist()
     per_image = index.copy()
     for name in params.rewards.eval:
-        per_image[name] = _batched(load_reward(name, teacher_dir, dev), images, prompts, dev).numpy()
+        reward = load_reward(name, teacher_dir, dev, params.rewards.models.get(name))
+        per_image[name] = _batched(reward, images, prompts, dev).numpy()
     scorer = load_reward(FEATURES, teacher_dir, dev)
 
     def features(x: Tensor) -> Tensor:

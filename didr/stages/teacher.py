@@ -1,4 +1,4 @@
-"""Stage `teacher`: build and cache the teacher, the toy rewards and the prompt embeddings."""
+"""Stage `teacher`: build (embedded world) or pin and cache (pretrained) the teacher, and its prompt embeddings."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 from didr.backbones.base import Conditioning, Denoiser
-from didr.backbones.loading import load_denoiser
+from didr.backbones.loading import load_denoiser, resolve_source
 from didr.config import Params
+from didr.stages.common import pick_device
 from didr.stages.io import read_prompts, save_embeddings, write_text_atomic
 from didr.toy.rewards import train_toy_rewards
 from didr.toy.teacher import train_teacher
@@ -27,21 +28,36 @@ def encode(teacher: Denoiser, prompts: list[str], batch_size: int = 256) -> Cond
 
 
 def run_teacher(params: Params, out: Path, progress: bool = True) -> None:
-    """out/pipeline (a diffusers pipeline folder), out/rewards, out/embeddings/{train,eval}-*.safetensors."""
+    """out/embeddings/{train,eval}-*.safetensors and out/params.json, plus, for the embedded world, out/pipeline (a
+    diffusers pipeline folder) and out/rewards; a pretrained teacher is resolved at its pinned revision into the
+    local Hugging Face cache (downloaded when the hub is reachable) and recorded in params.json, not copied."""
     prompts = {"train": read_prompts(Path(params.prompts.train)), "eval": read_prompts(Path(params.prompts.eval))}
     t = params.teacher
     with atomic_dir(out) as tmp:
-        training = train_teacher(
-            t.kind, tmp / "pipeline", steps=t.steps, batch_size=t.batch_size, lr=t.lr, seed=params.seed,
-            size=t.size, n_images=t.n_images, progress=progress,
-        )  # fmt: skip
-        rewards = train_toy_rewards(
-            tmp / "rewards", seed=t.reward_seed, size=t.size, progress=progress,
-            alignment_steps=t.reward_alignment_steps, preference_steps=t.reward_preference_steps,
-        )  # fmt: skip
-        teacher = load_denoiser(tmp / "pipeline").frozen()
+        if t.kind == "pretrained":
+            folder = resolve_source(t.source, t.revision)
+            record = {"model": {"source": t.source, "revision": t.revision, "folder": str(folder)}}
+        else:
+            record = {"teacher": _train_embedded(params, tmp, progress)}
+            folder = tmp / "pipeline"
+        teacher = load_denoiser(folder, precision=t.precision, device=str(pick_device())).frozen()
         with torch.no_grad():
             for split, texts in prompts.items():
-                save_embeddings(encode(teacher, texts), tmp / "embeddings", split)
-        record = {"stage": "teacher", "params": asdict(params), "teacher": training, "rewards": rewards}
+                save_embeddings(encode(teacher, texts).to("cpu"), tmp / "embeddings", split)
+        record = {"stage": "teacher", "params": asdict(params), **record}
         write_text_atomic(tmp / "params.json", json.dumps(record, indent=1, default=str))
+
+
+def _train_embedded(params: Params, out: Path, progress: bool) -> dict:
+    """The embedded world's teacher (out/pipeline) and toy rewards (out/rewards), trained from scratch; their
+    training records."""
+    t = params.teacher
+    training = train_teacher(
+        t.kind, out / "pipeline", steps=t.steps, batch_size=t.batch_size, lr=t.lr, seed=params.seed,
+        size=t.size, n_images=t.n_images, progress=progress,
+    )  # fmt: skip
+    rewards = train_toy_rewards(
+        out / "rewards", seed=t.reward_seed, size=t.size, progress=progress,
+        alignment_steps=t.reward_alignment_steps, preference_steps=t.reward_preference_steps,
+    )  # fmt: skip
+    return {"training": training, "rewards": rewards}

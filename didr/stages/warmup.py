@@ -12,19 +12,19 @@ from tqdm import tqdm
 from didr.config import Params
 from didr.diffusion import UniformTime
 from didr.objectives import FakeScoreLoss
-from didr.stages.common import load_prompts, load_teacher, pick_device
+from didr.stages.common import load_prompts, load_teacher, new_fake, new_generator, pick_device
 from didr.stages.io import save_weights, write_text_atomic
 from didr.training.atomic import atomic_dir
 
 
 def run_warmup(params: Params, teacher_dir: Path, out: Path, device: str = "auto", progress: bool = True) -> None:
-    """out/generator.safetensors (the teacher's x0 at t*), out/fake.safetensors (DSM-fitted), out/params.json."""
+    """out/generator.safetensors (the teacher's x0 at t*, or warmup.generator_weights), out/fake.safetensors
+    (DSM-fitted), out/params.json; LoRA fine-tuning saves the adapters only."""
     dev = pick_device(device)
     teacher = load_teacher(teacher_dir, dev)
     prompts = load_prompts(teacher_dir, "train", dev)
     w, a = params.warmup, params.align
-    generator = teacher.make_generator(t_star=w.t_star).eval()
-    fake = teacher.trainable_copy()
+    generator, fake = new_generator(teacher, asdict(params)).eval(), new_fake(teacher, asdict(params))
     fake_loss = FakeScoreLoss(fake, UniformTime(a.t_min, a.t_max_sampling))
     optimiser = torch.optim.AdamW([p for p in fake.parameters() if p.requires_grad], lr=w.lr, betas=(0.0, 0.999))
     rng = torch.Generator(device=dev).manual_seed(params.seed)
