@@ -91,6 +91,19 @@ def _stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def reference(args: argparse.Namespace) -> int:
+    """Features of a folder (or list file) of real images, for score.reference (FID / KID against real data)."""
+    from didr.evaluation.inception import load_inception
+    from didr.evaluation.reference import build_reference, save_reference
+    from didr.stages.common import pick_device
+
+    model = load_inception(args.inception, pick_device(args.device))
+    built = build_reference(args.images, model, args.size, args.batch_size)
+    save_reference(built, args.out)
+    print(f"wrote {args.out}: {len(built.features)} images at {args.size} px, {built.extractor}")
+    return 0
+
+
 def launch(args: argparse.Namespace) -> int:
     """Submit one stage, or a sweep of align runs, through submitit and wait for it (didr/launch.py)."""
     from didr.launch import launch as launch_stage
@@ -141,6 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     report = stage("report", "metrics table, Pareto plots with hypervolumes, image grids")
     report.add_argument("--scores", type=Path, nargs="+", required=True)
     report.add_argument("--samples", type=Path, nargs="+", required=True, help="sample sets shown in the grid")
+    ref = commands.add_parser("reference", help="Inception features of real images (score.reference)")
+    ref.add_argument("--images", type=Path, required=True, help="a folder of images, or a file listing them")
+    ref.add_argument("--inception", type=Path, required=True, help="FID Inception weights (pt_inception-2015-12-05)")
+    ref.add_argument("--size", type=int, required=True, help="centre-crop and resize to this side (the samples')")
+    ref.add_argument("--out", type=Path, required=True, help="the features file (safetensors), written atomically")
+    ref.add_argument("--batch-size", type=int, default=50)
+    ref.add_argument("--device", default="auto")
+    ref.set_defaults(run=reference)
     from didr.launch import add_launch_parser
 
     add_launch_parser(commands).set_defaults(run=launch)

@@ -13,6 +13,8 @@ from torch import Tensor
 
 from didr.config import Params
 from didr.evaluation.fidelity import diversity, frechet_distance, kernel_distance
+from didr.evaluation.inception import NAME, load_inception
+from didr.evaluation.reference import load_reference
 from didr.stages.common import load_reward, pick_device, read_run_params
 from didr.stages.io import StageInputError, write_text_atomic
 from didr.toy.data import parse_prompt, render
@@ -44,6 +46,26 @@ def _batched(fn, images: Tensor, prompts: list[str], device: torch.device, batch
         )
 
 
+def fidelity_features(params: Params, teacher_dir: Path, prompts: list[str], size: int, dev: torch.device):
+    """(features of images [N, 3, H, W] -> [N, D] float64, the real images' features, the extractor's name).
+
+    toy_alignment: the toy classifier's features, real images rendered for the same prompts. inception: FID
+    Inception-v3 pool features, real images from the reference file (`didr reference`)."""
+    if params.score.features == "inception":
+        model = load_inception(Path(params.score.inception), dev)
+        reference = load_reference(Path(params.score.reference), model)
+        extract, real = model.features, reference.features.double()
+        name = f"{NAME} sha256:{model.weights_sha256[:12]}"
+    else:
+        scorer = load_reward(FEATURES, teacher_dir, dev)
+        extract, real, name = scorer.features, None, FEATURES
+
+    def features(x: Tensor) -> Tensor:
+        return _batched(lambda im, _: extract(im), x, prompts, dev).double()
+
+    return features, features(real_images(prompts, size, params.seed)) if real is None else real, name
+
+
 def run_score(
     params: Params, teacher_dir: Path, sample_dir: Path, reference_dir: Path, out: Path, device: str = "auto"
 ) -> None:
@@ -56,13 +78,8 @@ def run_score(
     for name in params.rewards.eval:
         reward = load_reward(name, teacher_dir, dev, params.rewards.models.get(name))
         per_image[name] = _batched(reward, images, prompts, dev).numpy()
-    scorer = load_reward(FEATURES, teacher_dir, dev)
-
-    def features(x: Tensor) -> Tensor:
-        return _batched(lambda im, _: scorer.features(im), x, prompts, dev).double()
-
+    features, real, extractor = fidelity_features(params, teacher_dir, prompts, images.shape[-1], dev)
     ours, teacher = features(images), features(teacher_images)
-    real = features(real_images(prompts, images.shape[-1], params.seed))
     kid_real, kid_real_std = kernel_distance(ours, real)
     kid_teacher, _ = kernel_distance(ours, teacher)
     run = read_run_params(sample_dir)
@@ -73,6 +90,7 @@ def run_score(
         "sample_dir": str(sample_dir),
         "images": len(index),
         **{f"{name}_mean": float(per_image[name].mean()) for name in params.rewards.eval},
+        "features": extractor,
         "fid_real": frechet_distance(ours, real),
         "kid_real": kid_real,
         "kid_real_std": kid_real_std,
