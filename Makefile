@@ -1,5 +1,7 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
-# Both create .venv in the repo and install with torch pinned by constraints.txt (CPU build, ~1 GB).
+# Both create .venv in the repo (or VENV=<path>) and install every version pinned by constraints.txt: torch 2.14.1 with
+# its torchvision (~5.5 GB), the package with its dev and rewards extras, then hpsv2 and image-reward without their
+# stale pins (--no-deps) and the BPE vocabulary hpsv2's wheel lacks.
 PYTHON ?= python3
 VENV := .venv
 PIP := $(VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints.txt
@@ -9,8 +11,10 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev]'
+	$(PIP) torch torchvision
+	$(PIP) -e '.[dev,rewards]'
+	$(PIP) --no-deps hpsv2 image-reward
+	$(VENV)/bin/python -c 'from didr.rewards.hps import install_vocabulary; install_vocabulary()'
 	touch $(STAMP)
 
 setup: $(STAMP)

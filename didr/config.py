@@ -245,7 +245,7 @@ def _unknown_reward(rewards: dict[str, Any]) -> str | None:
 def _world_mismatch(data: dict[str, Any]) -> str | None:
     """Toy rewards and toy features exist only in the embedded world; a pretrained source must be a folder with a
     model_index.json or a hub id pinned to a commit."""
-    from didr.backbones.loading import HUB_ID
+    from didr.backbones.hub import HUB_ID
 
     teacher = data.get("teacher", {})
     if teacher.get("kind", TeacherParams.kind) != "pretrained":

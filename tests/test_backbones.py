@@ -16,7 +16,8 @@ from didr.backbones.adapter import DiffusersDenoiser
 from didr.backbones.base import Conditioning
 from didr.backbones.flow import SD3FlowDenoiser
 from didr.backbones.flux import FluxDenoiser
-from didr.backbones.loading import ModelUnavailableError, denoiser_from_components, load_denoiser
+from didr.backbones.hub import ModelUnavailableError
+from didr.backbones.loading import denoiser_from_components, load_denoiser
 from didr.backbones.pixart import PixArtDenoiser
 from didr.backbones.tuning import add_lora, enable_gradient_checkpointing
 from didr.backbones.unet import UNetDenoiser

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -13,20 +11,16 @@ from typing import Any
 from didr.backbones.adapter import DiffusersDenoiser
 from didr.backbones.flow import SD3FlowDenoiser
 from didr.backbones.flux import FluxDenoiser
+from didr.backbones.hub import resolve_folder
 from didr.backbones.pixart import PixArtDenoiser
 from didr.backbones.text import PromptEncoder, TextTower
 from didr.backbones.unet import UNetDenoiser
 from didr.backbones.zimage import ZImageDenoiser
 from didr.diffusion import FlowSchedule, VPSchedule
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 TOWERS = ("", "_2", "_3")
 TEXT = tuple(f"{kind}{suffix}" for suffix in TOWERS for kind in ("tokenizer", "text_encoder"))
 COMPONENTS = ("unet", "transformer", "scheduler", "vae", *TEXT)
-
-
-class ModelUnavailableError(RuntimeError):
-    """A hub model that is neither in the local cache nor downloadable (offline or unreachable hub)."""
 
 
 def text_towers(components: Mapping[str, Any], clip_layer: int | None, t5_length: int | None) -> list[TextTower]:
@@ -180,35 +174,12 @@ def denoiser_from_components(
     return adapter_for(type(net).__name__, f"{pipeline} components")(pipeline, components, precision, config or {})
 
 
-def _offline() -> bool:
-    import huggingface_hub.constants as hub
-
-    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
-    return hub.is_offline_mode() or flag in {"1", "ON", "YES", "TRUE"}
-
-
 def resolve_source(source: str | Path, revision: str | None) -> Path:
     """A local pipeline folder, or the cached / downloaded snapshot of hub id `source` at `revision`."""
     path = Path(source).expanduser()
-    if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise FileNotFoundError(f"{path} has no model_index.json: not a diffusers pipeline folder")
-        return path
-    if not (isinstance(source, str) and HUB_ID.match(source)):
-        raise FileNotFoundError(f"model folder not found: {path}")
-    if revision is None:
-        raise ValueError(f"hub model {source!r} needs a pinned revision (a commit hash); no local folder {path} exists")
-    from huggingface_hub import snapshot_download
-
-    offline = _offline()
-    try:
-        return Path(snapshot_download(source, revision=revision, local_files_only=offline))
-    except Exception as err:
-        state = "offline (HF_HUB_OFFLINE)" if offline else "unreachable"
-        raise ModelUnavailableError(
-            f"model {source!r} at revision {revision!r} is not in the local Hugging Face cache and the hub is {state} "
-            f"({type(err).__name__})"
-        ) from err
+    if path.exists() and not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"{path} has no model_index.json: not a diffusers pipeline folder")
+    return resolve_folder(source, revision)
 
 
 def load_component(folder: Path, name: str, spec: list[str]) -> Any:

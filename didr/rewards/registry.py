@@ -4,10 +4,15 @@ Training and held-out evaluation rewards are chosen by name in params.yaml; `bui
 registered factory. The toy rewards are registered here with factories that import `didr.toy.rewards` only when
 called, so this layer never imports the toy world above it. Each toy factory takes `folder` (the trained-rewards
 folder of `train_toy_rewards`); the analytic ones accept and ignore it, so one call builds any toy reward.
+
+The real rewards (hpsv2, imagereward, pickscore, laion_aesthetic, clip_score) are registered the same way: their
+factories import their module, hence hpsv2, ImageReward and torchvision (the `rewards` extra), only when called,
+accept and ignore `folder`, and pass their other options (weights, revision, version, ...) to the module's loader.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -99,3 +104,22 @@ register_reward("toy_alignment", _toy_trained("alignment"))
 register_reward("toy_preference", _toy_trained("preference"))
 register_reward("toy_aesthetic", _toy_aesthetic)
 register_reward("toy_utility", _toy_utility)
+
+
+def _real(module: str, loader: str) -> Callable[..., Reward]:
+    def factory(folder: str | Path | None = None, **options) -> Reward:
+        try:
+            return getattr(importlib.import_module(f"didr.rewards.{module}"), loader)(**options)
+        except ModuleNotFoundError as err:
+            raise ModuleNotFoundError(
+                f"didr.rewards.{module} cannot import {err.name!r}: install the `rewards` extra (make setup does)"
+            ) from err
+
+    return factory
+
+
+register_reward("hpsv2", _real("hps", "load_hps"))
+register_reward("imagereward", _real("image_reward", "load_image_reward"))
+register_reward("pickscore", _real("pickscore", "load_pickscore"))
+register_reward("laion_aesthetic", _real("aesthetic", "load_aesthetic"))
+register_reward("clip_score", _real("clip_score", "load_clip_score"))
