@@ -61,7 +61,7 @@ def read_run_params(run_dir: Path) -> dict:
 def load_network_weights(denoiser: Denoiser, spec: dict[str, str]) -> None:
     """Replace a copy's network weights by a state dict file (warmup.generator_weights): a local file, or `file` of
     the hub repo `source` at `revision`. safetensors, or a torch state dict read with weights_only (no code runs)."""
-    path = resolve_file(spec["file"], spec.get("source"), spec.get("revision"))
+    path = resolve_file(spec.get("source") or spec["file"], spec.get("revision"), spec["file"])
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
