@@ -12,13 +12,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
 TINY = Path(__file__).parent / "data"
-PIPELINE_FILES = ["Snakefile", "workflow", "slurm", "presets", "dvc.yaml", ".dvcignore"]
+PIPELINE_FILES = ["Snakefile", "workflow", "slurm", "profiles", "presets", "dvc.yaml", ".dvcignore"]
 BIN = Path(sys.executable).parent  # the venv's snakemake, dvc and didr
 
 
 def scratch_project(folder: Path, params: Path = TINY / "tiny_params.yaml") -> Path:
-    """`folder` with the Snakefile, workflow/, the slurm profile, presets, dvc.yaml, the repository's prompt files
-    and the tiny params and prompt files (params.yaml is the tiny one)."""
+    """`folder` with the Snakefile, workflow/, the slurm and workflow profiles, presets, dvc.yaml, the repository's
+    prompt files and the tiny params and prompt files (params.yaml is the tiny one)."""
     folder.mkdir(parents=True, exist_ok=True)
     for name in PIPELINE_FILES:
         source = ROOT / name

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
+from tiny_models import random_inception_state
 
 from didr.evaluation.fidelity import frechet_distance, kernel_distance
 from didr.evaluation.inception import NAME, FeatureInputError, FIDInception, load_inception, preprocess
@@ -30,22 +31,6 @@ from didr.stages.io import read_prompts
 PROMPTS = Path(__file__).resolve().parents[1] / "data" / "prompts"
 
 
-def _random_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    """The real weights file's entries (BatchNorm counters and the 1008-way classifier included), randomised so that
-    activations keep their scale through the 94 layers: He-normal convolutions, BatchNorm statistics near identity."""
-    generator = torch.Generator().manual_seed(seed)
-    state = FIDInception().state_dict()
-    state |= {"fc.weight": torch.empty(1008, 2048), "fc.bias": torch.empty(1008)}
-    for key, value in state.items():
-        if key.endswith("conv.weight") or key == "fc.weight":
-            value.normal_(0, math.sqrt(2 / value[0].numel()), generator=generator)
-        elif key.endswith(("bn.weight", "running_var")):
-            value.uniform_(0.5, 1.5, generator=generator)
-        elif key.endswith(("bias", "running_mean")):
-            value.normal_(0, 0.1, generator=generator)
-    return state
-
-
 def _write_images(folder: Path, seed: int, sizes: list[tuple[int, int]]) -> None:
     """Smooth random colour fields of the given (width, height), as PNG."""
     folder.mkdir(parents=True)
@@ -59,7 +44,7 @@ def _write_images(folder: Path, seed: int, sizes: list[tuple[int, int]]) -> None
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("inception") / "pt_inception-random.pth"
-    torch.save(_random_state(), path)
+    torch.save(random_inception_state(), path)
     return path
 
 

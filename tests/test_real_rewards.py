@@ -23,8 +23,8 @@ for _module in ("torchvision", "hpsv2", "ImageReward", "clip", "timm", "fairscal
         )
 
 from PIL import Image, ImageDraw  # noqa: E402
-from tiny_models import clip_tokenizer  # noqa: E402
-from transformers import BertTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor  # noqa: E402
+from tiny_models import clip_model_config, clip_tokenizer  # noqa: E402
+from transformers import BertTokenizer, CLIPImageProcessor, CLIPModel, CLIPProcessor  # noqa: E402
 
 from didr.backbones.hub import ModelUnavailableError  # noqa: E402
 from didr.rewards import aesthetic, clip_score, hps, image_reward, pickscore  # noqa: E402
@@ -218,28 +218,7 @@ def clip_folder(tmp_path_factory) -> Path:
     """A tiny CLIPModel with its tokenizer and CLIP image processor (shortest side and crop SIZE)."""
     folder = tmp_path_factory.mktemp("clip")
     tokenizer = clip_tokenizer()
-    config = CLIPConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 16,
-            "bos_token_id": 0,
-            "eos_token_id": 1,
-            "pad_token_id": 1,
-        },
-        vision_config={
-            "image_size": SIZE,
-            "patch_size": 8,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-        },
-        projection_dim=16,
-    )
+    config = clip_model_config(len(tokenizer), SIZE)
     model = _random(lambda: CLIPModel(config), 2)
     model.save_pretrained(folder)
     processor = CLIPProcessor(

@@ -25,6 +25,23 @@ def test_dry_run_plans_every_stage_of_the_grid(tmp_path, preset):
     assert planned_jobs(project, *args) == stage_counts(runs)
 
 
+ZOO_PRESETS = {"sdxl-dipp": 8, "sdxl-didr": 9, "sdxl-dmd2": 3, "zimage-didr": 9}
+
+
+@pytest.mark.parametrize(("preset", "runs"), ZOO_PRESETS.items())
+def test_model_zoo_presets_plan_their_grid_with_the_80gb_resources(tmp_path, preset, runs):
+    """No weights are needed to plan: the pinned sources, the local files and the rewards resolve only in the jobs."""
+    project = scratch_project(tmp_path / "p", params=ROOT / "params.yaml")
+    params = load_params(ROOT / "presets" / f"{preset}.yaml")
+    assert params.teacher.kind == "pretrained" and len(params.teacher.revision) == 40
+    assert len(expand_grid(params.grid)) == runs
+    args = ["--configfile", f"presets/{preset}.yaml", "--workflow-profile", "gpu-80gb"]
+    assert planned_jobs(project, *args) == stage_counts(runs)
+    plan = snakemake(project, "all", "--dry-run", *args).stdout
+    align = [block for block in plan.split("rule ")[1:] if block.startswith("align:")]
+    assert len(align) == runs and all("runtime=2880, mem_mb=128000" in block for block in align)
+
+
 def test_lint_is_clean():
     result = snakemake(ROOT, "--lint")
     assert result.returncode == 0 and "Congratulations" in result.stdout + result.stderr, result.stdout

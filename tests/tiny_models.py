@@ -7,6 +7,7 @@ Qwen3-style chat template, in a 48-token window. Each build takes well under a s
 
 from __future__ import annotations
 
+import math
 import string
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from diffusers import (
 )
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import (
+    CLIPConfig,
+    CLIPModel,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
@@ -41,6 +44,8 @@ from transformers import (
     T5EncoderModel,
     T5Tokenizer,
 )
+
+from didr.evaluation.inception import FIDInception
 
 WINDOW = 16
 QWEN_WINDOW = 48
@@ -327,3 +332,55 @@ def save_zimage(folder: Path, seed: int = 0) -> ZImagePipeline:
     )
     pipe.save_pretrained(folder)
     return pipe
+
+
+def clip_model_config(vocab_size: int, image_size: int) -> CLIPConfig:
+    """A tiny CLIPModel (the PickScore / CLIP-score / aesthetic tower): width 32, one layer per tower, patch 8."""
+    return CLIPConfig(
+        text_config={
+            "vocab_size": vocab_size,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": WINDOW,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
+        },
+        vision_config={
+            "image_size": image_size,
+            "patch_size": 8,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+        },
+        projection_dim=16,
+    )
+
+
+def save_clip_model(folder: Path, image_size: int = 32, seed: int = 0) -> CLIPModel:
+    """A tiny random CLIPModel with its tokenizer, saved like a hub CLIP repository."""
+    torch.manual_seed(seed)
+    tokenizer = clip_tokenizer()
+    model = CLIPModel(clip_model_config(len(tokenizer), image_size))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+def random_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """The real weights file's entries (BatchNorm counters and the 1008-way classifier included), randomised so that
+    activations keep their scale through the 94 layers: He-normal convolutions, BatchNorm statistics near identity."""
+    generator = torch.Generator().manual_seed(seed)
+    state = FIDInception().state_dict()
+    state |= {"fc.weight": torch.empty(1008, 2048), "fc.bias": torch.empty(1008)}
+    for key, value in state.items():
+        if key.endswith("conv.weight") or key == "fc.weight":
+            value.normal_(0, math.sqrt(2 / value[0].numel()), generator=generator)
+        elif key.endswith(("bn.weight", "running_var")):
+            value.uniform_(0.5, 1.5, generator=generator)
+        elif key.endswith(("bias", "running_mean")):
+            value.normal_(0, 0.1, generator=generator)
+    return state
