@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -178,3 +179,12 @@ def test_bad_inputs_fail_with_one_line_naming_the_file(world, capsys, tmp_path):
     )
     assert not (tmp_path / "t").exists()
     assert "no teacher stage output" in error_of("sample", *p, "--teacher", str(missing), "--out", str(tmp_path / "s"))
+
+
+def test_grid_thumbnails_keep_small_images_and_shrink_large_ones():
+    from didr.stages.report import thumbnails
+
+    small, large = torch.rand(2, 3, 16, 16), torch.full((2, 3, 1024, 1024), 0.25)
+    assert thumbnails(small) is small
+    shrunk = thumbnails(large)
+    assert shrunk.shape == (2, 3, 128, 128) and torch.allclose(shrunk, torch.tensor(0.25))

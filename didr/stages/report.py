@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 import matplotlib
 import pandas as pd
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from didr.evaluation.pareto import hypervolume, pareto_front
 from didr.evaluation.sampling import image_grid
@@ -20,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 REFERENCES = ("teacher", "one-step (warm start)")
+THUMBNAIL = 128  # pixels per image in the grid, at most
 
 
 def collect(score_dirs: list[Path]) -> pd.DataFrame:
@@ -73,6 +77,13 @@ def plot_front(table: pd.DataFrame, fronts: pd.DataFrame, reward: str, path: Pat
     plt.close(fig)
 
 
+def thumbnails(images: Tensor, cell: int = THUMBNAIL) -> Tensor:
+    """Images larger than `cell` pixels resized (antialiased) to `cell`, so that grids of 1024 px samples stay small."""
+    if images.shape[-1] <= cell:
+        return images
+    return F.interpolate(images, size=(cell, cell), mode="bilinear", antialias=True).clamp(0, 1)
+
+
 def grid_figure(sample_dirs: list[Path], path: Path, columns: int = 12) -> None:
     """Rows = sample sets, columns = the same prompt and seed in each; prompts under the columns."""
     images, index, labels = [], None, []
@@ -80,16 +91,17 @@ def grid_figure(sample_dirs: list[Path], path: Path, columns: int = 12) -> None:
         run = read_run_params(folder)
         labels.append(f"{run['method']} {run['setting']}")
         frame, pictures = load_images(folder)
-        images.append(pictures[:columns])
+        images.append(thumbnails(pictures[:columns]))
         index = frame if index is None else index
     columns = min(len(part) for part in images)
-    grid = image_grid(torch.cat([part[:columns] for part in images]), nrow=columns, scale=4)
+    scale = max(1, 64 // images[0].shape[-1])  # small toy images drawn at 64 px
+    grid = image_grid(torch.cat([part[:columns] for part in images]), nrow=columns, scale=scale)
     fig, ax = plt.subplots(figsize=(columns * 0.9 + 2, len(sample_dirs) * 0.9 + 1))
     ax.imshow(grid)
     ax.set_yticks([(i + 0.5) * grid.height / len(labels) for i in range(len(labels))], labels, fontsize=7)
     ax.set_xticks([(j + 0.5) * grid.width / columns for j in range(columns)])
-    ax.set_xticklabels([p.replace(" at the ", "\n").replace(" on ", "\non ") for p in index["prompt"][:columns]],
-                       fontsize=5)  # fmt: skip
+    prompts = [textwrap.shorten(p, 60, placeholder="...") for p in index["prompt"][:columns]]
+    ax.set_xticklabels([textwrap.fill(p, 20) for p in prompts], fontsize=5)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
