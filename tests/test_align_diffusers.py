@@ -74,9 +74,13 @@ def test_lora_alignment_trains_only_the_adapters(teacher):
     assert trainable > 0 and all("lora_" in n for n in names)
     fake = teacher.trainable_copy()
     before = snapshot(generator)
-    align(
+    result = align(
         generator, DIDR(teacher, fake, brightness, beta=0.5), teacher.encode_prompts(PROMPTS), steps=2,
         batch_size=2, fake=fake, fake_loss=FakeScoreLoss(fake), lr=1e-2,
     )  # fmt: skip
     moved = {k for k, v in generator.state_dict().items() if not torch.equal(before[k], v)}
     assert moved and all("lora_" in k for k in moved)
+    frozen = {n: p for n, p in generator.named_parameters() if not p.requires_grad}
+    ema = dict(result.ema.named_parameters())
+    assert all(ema[n] is p for n, p in frozen.items())  # the EMA copies the adapters only, not the frozen base
+    assert all(ema[n] is not p for n, p in generator.named_parameters() if p.requires_grad)

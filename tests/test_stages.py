@@ -188,3 +188,19 @@ def test_grid_thumbnails_keep_small_images_and_shrink_large_ones():
     assert thumbnails(small) is small
     shrunk = thumbnails(large)
     assert shrunk.shape == (2, 3, 128, 128) and torch.allclose(shrunk, torch.tensor(0.25))
+
+
+def test_lora_copies_share_the_teachers_frozen_weights_and_full_copies_do_not(world):
+    from didr.stages.common import load_teacher, new_fake, new_generator
+
+    root, _ = world
+    teacher = load_teacher(root / "teacher", torch.device("cpu"))
+    params = json.loads((root / "warmup" / "params.json").read_text())["params"]
+    lora = {**params, "finetune": {"lora_rank": 2, "gradient_checkpointing": False}}
+    teacher_weights = {id(p) for p in teacher.parameters()}
+    for copy in (new_fake(teacher, lora), new_generator(teacher, lora).body):
+        frozen = [p for p in copy.parameters() if not p.requires_grad]
+        assert len(frozen) == len(teacher_weights) and {id(p) for p in frozen} == teacher_weights
+        assert all("lora_" in name for name, p in copy.named_parameters() if p.requires_grad)
+    assert not teacher_weights & {id(p) for p in new_fake(teacher, params).parameters()}  # full fine-tuning
+    assert not any(p.requires_grad for p in teacher.parameters())

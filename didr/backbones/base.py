@@ -8,6 +8,7 @@ are affine in the prediction), encodes prompts into a Conditioning and decodes s
 from __future__ import annotations
 
 import copy
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -81,6 +82,12 @@ class Denoiser(nn.Module, ABC):
         clone = copy.deepcopy(self)
         clone.requires_grad_(True)
         return clone.train()
+
+    def shared_copy(self) -> Denoiser:
+        """A copy of the modules that shares every parameter and buffer with this one: LoRA adapters added to it train
+        alone while the frozen weights exist once (the fake score and generator of a LoRA run)."""
+        memo = {id(tensor): tensor for tensor in itertools.chain(self.parameters(), self.buffers())}
+        return copy.deepcopy(self, memo)
 
     def make_generator(self, t_star: float, guidance: float = 1.0) -> nn.Module:
         """A one-step generator initialised from this denoiser's x0-prediction at t_star (DMD2, DI++)."""

@@ -64,3 +64,13 @@ def add_lora(
 def enable_gradient_checkpointing(denoiser: HasNetwork) -> None:
     """Recompute the network's block activations in the backward pass (diffusers' own checkpointing)."""
     denoiser.net.enable_gradient_checkpointing()
+
+
+def checkpoint_frozen_parts(denoiser: HasNetwork) -> None:
+    """Recompute the frozen teacher's network and VAE decoder activations in the backward pass: the memory of a
+    reward gradient taken through them (DIDR's proxy, DI++'s reward at the decoded sample) at the cost of a second
+    forward."""
+    denoiser.net.enable_gradient_checkpointing()
+    vae = denoiser.frozen_parts.vae
+    if vae is not None:
+        vae.enable_gradient_checkpointing()

@@ -9,6 +9,7 @@ from hashlib import sha256
 from pathlib import Path
 
 from didr.backbones.base import Denoiser
+from didr.backbones.tuning import checkpoint_frozen_parts
 from didr.config import AlignParams, Params
 from didr.diffusion import UniformTime
 from didr.grid import Run
@@ -20,14 +21,18 @@ from didr.training.atomic import atomic_dir
 from didr.training.loop import align
 
 
-def method_objective(method: str, strength: float, teacher: Denoiser, fake: Denoiser, reward: Reward, a: AlignParams):
-    """The objective of `method`; `strength` is beta (didr), alpha_rew (dipp), the reward weight (dmd2)."""
+def method_objective(
+    method: str, strength: float, teacher: Denoiser, fake: Denoiser, reward: Reward, a: AlignParams,
+    checkpoint: bool = False,
+):  # fmt: skip
+    """The objective of `method`; `strength` is beta (didr), alpha_rew (dipp), the reward weight (dmd2).
+    `checkpoint` recomputes the proxy's decoder and reward in the backward pass (didr)."""
     times = UniformTime(a.t_min, a.t_max_sampling)
     g = a.teacher_guidance
     if method == "didr":
         return DIDR(
             teacher, fake, reward, beta=strength, drs=a.drs, drs_steps=a.drs_steps, t_max=a.drs_t_max,
-            time_sampling=times, teacher_guidance=g,
+            time_sampling=times, teacher_guidance=g, checkpoint=checkpoint,
         )  # fmt: skip
     if method == "dipp":
         return DIPlusPlus(teacher, fake, reward, alpha_rew=strength, time_sampling=times, teacher_guidance=g)
@@ -58,11 +63,13 @@ def run_align(
     run's overrides."""
     dev = pick_device(device)
     teacher = load_teacher(teacher_dir, dev)
+    if params.finetune.gradient_checkpointing:
+        checkpoint_frozen_parts(teacher)
     reward = load_reward(params.rewards.train, teacher_dir, dev, params.rewards.models.get(params.rewards.train))
     generator, fake = load_generator(teacher, warmup_dir).train(), load_fake(teacher, warmup_dir)
     a = params.align
     method, strength, seed = run.method, run.strength, run.seed
-    objective = method_objective(method, strength, teacher, fake, reward, a)
+    objective = method_objective(method, strength, teacher, fake, reward, a, params.finetune.gradient_checkpointing)
     record = {
         "stage": "align", "method": method, "strength": strength, "seed": seed, "run": run.id,
         "setting": run.setting, "params": asdict(params), "generator": {"t_star": generator.t_star},

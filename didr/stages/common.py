@@ -13,6 +13,7 @@ from didr.backbones.base import Conditioning, Denoiser
 from didr.backbones.hub import resolve_file
 from didr.backbones.loading import load_denoiser
 from didr.backbones.tuning import add_lora, enable_gradient_checkpointing
+from didr.generator import OneStepGenerator
 from didr.rewards.base import Reward
 from didr.rewards.registry import build_reward
 from didr.stages.io import StageInputError, load_embeddings, load_weights
@@ -75,28 +76,31 @@ def load_network_weights(denoiser: Denoiser, spec: dict[str, str]) -> None:
     denoiser.net.load_state_dict(state)
 
 
-def finetuned(copy: Denoiser, finetune: dict[str, Any]) -> Denoiser:
-    """A trainable copy set up as params.finetune says: LoRA of rank lora_rank (0: full), gradient checkpointing."""
-    if finetune["lora_rank"] > 0:
+def trainable(teacher: Denoiser, finetune: dict[str, Any], weights: dict[str, str] | None = None) -> Denoiser:
+    """A trainable copy of the teacher as params.finetune says. LoRA (lora_rank > 0): adapters on a copy that shares
+    the teacher's frozen weights, unless `weights` (warmup.generator_weights) replace them in a copy of its own; full
+    fine-tuning (lora_rank 0): a copy of everything. Gradient checkpointing when asked."""
+    lora = finetune["lora_rank"] > 0
+    copy = teacher.shared_copy() if lora and weights is None else teacher.trainable_copy()
+    if weights is not None:
+        load_network_weights(copy, weights)
+    if lora:
         add_lora(copy, finetune["lora_rank"])
     if finetune["gradient_checkpointing"]:
         enable_gradient_checkpointing(copy)
-    return copy
+    return copy.train()
 
 
-def new_generator(teacher: Denoiser, params: dict[str, Any]) -> nn.Module:
+def new_generator(teacher: Denoiser, params: dict[str, Any]) -> OneStepGenerator:
     """The one-step generator at warmup.t_star: the teacher's network, or warmup.generator_weights, fine-tuned as
     params.finetune says (`params` as a stage's params.json holds them)."""
-    generator = teacher.make_generator(t_star=params["warmup"]["t_star"])
-    if params["warmup"]["generator_weights"] is not None:
-        load_network_weights(generator.body, params["warmup"]["generator_weights"])
-    finetuned(generator.body, params["finetune"])
-    return generator
+    body = trainable(teacher, params["finetune"], params["warmup"]["generator_weights"])
+    return OneStepGenerator(body, t_star=params["warmup"]["t_star"])
 
 
 def new_fake(teacher: Denoiser, params: dict[str, Any]) -> Denoiser:
     """The fake score: a trainable copy of the teacher, fine-tuned as params.finetune says."""
-    return finetuned(teacher.trainable_copy(), params["finetune"])
+    return trainable(teacher, params["finetune"])
 
 
 def load_generator(teacher: Denoiser, run_dir: Path) -> nn.Module:

@@ -127,7 +127,8 @@ def align(
     fake_opt = None
     if fake_params:
         fake_opt = torch.optim.AdamW(fake_params, lr=fake_lr or lr, betas=adam_betas, weight_decay=weight_decay)
-    ema = copy.deepcopy(generator).requires_grad_(False)
+    frozen = {id(p): p for p in generator.parameters() if not p.requires_grad}  # shared, not copied (LoRA bases)
+    ema = copy.deepcopy(generator, frozen).requires_grad_(False)
     trained, ema_tensors = _trained(generator), dict(ema.named_parameters())
     loop = dict(
         steps=steps, batch_size=batch_size, fake_updates=fake_updates, lr=lr, fake_lr=fake_lr, adam_betas=adam_betas,
