@@ -29,6 +29,15 @@ HEADER = """\
 """
 
 
+def _holds(data: dict, key: str) -> bool:
+    """Whether the params mapping writes out `key` (section or section.name)."""
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
 def pipeline(params_file: str) -> dict:
     """The dvc.yaml mapping of the experiment in `params_file` (a path relative to the repository root)."""
     params = load_params(params_file)
@@ -41,8 +50,13 @@ def pipeline(params_file: str) -> dict:
     samples = [str(layout.samples_dir(exp, name)) for name in sets]
     reports = str(layout.report_dir(exp))
 
+    written = yaml.safe_load(Path(params_file).read_text(encoding="utf-8"))
+
     def reads(stage: str) -> list:
-        return STAGE_PARAMS[stage] if params_file == "params.yaml" else [{params_file: STAGE_PARAMS[stage]}]
+        """The stage's params that the file writes out (DVC tracks only keys a params file holds; an absent one
+        takes its default)."""
+        keys = [key for key in STAGE_PARAMS[stage] if _holds(written, key)]
+        return keys if params_file == "params.yaml" else [{params_file: keys}]
 
     def cmd(stage: str, *options: str) -> str:
         return " ".join([f"didr {stage} --params {params_file}", *options])

@@ -128,7 +128,8 @@ def test_a_preset_is_the_params_file_of_every_stage(tmp_path):
         for stage in stages:
             assert f"--params {preset} " in stage.cmd
             params = [(dep.def_path, dep.params) for dep in stage.deps if isinstance(dep, ParamsDependency)]
-            assert params == [(preset, STAGE_PARAMS[stage.name.partition("@")[0]])], stage.name
+            written = [key for key in STAGE_PARAMS[stage.name.partition("@")[0]] if key != "rewards.models"]
+            assert params == [(preset, written)], stage.name  # the preset writes out every key but rewards.models
 
 
 @pytest.fixture(scope="module")
