@@ -218,8 +218,15 @@ def test_images_come_from_a_sorted_folder_or_a_list_file_and_are_center_cropped(
         image_paths(tmp_path / "empty")
 
 
-# file, prompts, whether all are distinct (COCO captions repeat across images)
-PROMPT_SETS = [("parti.txt", 1632, True), ("coco2014_val_30k.txt", 30000, False)]  # HPSv2's: fetch_prompts.py
+# file, prompts, whether all are distinct (COCO captions repeat across images, some HPSv2 prompts within a style)
+PROMPT_SETS = [
+    ("parti.txt", 1632, True),
+    ("coco2014_val_30k.txt", 30000, False),
+    ("hpsv2_anime.txt", 800, False),  # 781 distinct
+    ("hpsv2_concept_art.txt", 800, False),  # 795 distinct
+    ("hpsv2_paintings.txt", 800, False),  # 798 distinct
+    ("hpsv2_photo.txt", 800, True),
+]
 
 
 @pytest.mark.parametrize(("name", "count", "distinct"), PROMPT_SETS)
@@ -244,3 +251,8 @@ def test_fetch_script_flattens_prompts_and_checks_hashes_and_counts():
         fetch.convert("hpsv2_photo", json.dumps(prompts[1:]).encode())
     with pytest.raises(ValueError, match="sha256"):
         fetch.convert("parti", b"Prompt\tCategory\tChallenge\tNote\n")
+    with pytest.raises(ValueError, match="sha256"):  # the GitHub copy of the HPSv2 sets is pinned
+        fetch.convert("hpsv2_photo", json.dumps({"photo": prompts}).encode(), copy=True)
+    assert fetch.COPIES["hpsv2_photo"][2](json.dumps({"anime": [], "photo": prompts})) == prompts
+    with pytest.raises(ValueError, match="repeated JSON keys"):
+        fetch.COPIES["hpsv2_photo"][2]('{"photo": [], "photo": []}')
