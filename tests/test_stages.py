@@ -204,3 +204,15 @@ def test_lora_copies_share_the_teachers_frozen_weights_and_full_copies_do_not(wo
         assert all("lora_" in name for name, p in copy.named_parameters() if p.requires_grad)
     assert not teacher_weights & {id(p) for p in new_fake(teacher, params).parameters()}  # full fine-tuning
     assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_generator_weights_of_another_network_fail_with_one_line_naming_the_file(world, capsys, tmp_path):
+    root, p = world
+    other = tmp_path / "other.safetensors"
+    shutil.copy(root / "warmup" / "fake.safetensors", other)  # the fake score's state: keys under "net."
+    out = tmp_path / "warmup"
+    assert run("warmup", *p, "--teacher", str(root / "teacher"), "--out", str(out),
+               "--set", f"warmup.generator_weights={{file: {other}}}") == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert f"{other}: weights of another model" in err and "\n" not in err
+    assert not out.exists()

@@ -16,7 +16,7 @@ from didr.backbones.tuning import add_lora, enable_gradient_checkpointing
 from didr.generator import OneStepGenerator
 from didr.rewards.base import Reward
 from didr.rewards.registry import build_reward
-from didr.stages.io import StageInputError, load_embeddings, load_weights
+from didr.stages.io import StageInputError, check_state, load_embeddings, load_weights
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -69,10 +69,7 @@ def load_network_weights(denoiser: Denoiser, spec: dict[str, str]) -> None:
         state = load_file(path)
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    own = denoiser.net.state_dict()
-    if set(state) != set(own):
-        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        raise StageInputError(f"{path}: weights of another network (missing {missing[:3]}, unexpected {extra[:3]})")
+    check_state(path, state, denoiser.net.state_dict())
     denoiser.net.load_state_dict(state)
 
 

@@ -45,14 +45,18 @@ def load_weights(module: nn.Module, path: Path) -> None:
         state = load_file(path)
     except (SafetensorError, OSError) as error:
         raise StageInputError(f"{path}: not a readable safetensors file ({error})") from None
-    own = trained_state(module)
+    check_state(path, state, trained_state(module))
+    module.load_state_dict(state, strict=False)
+
+
+def check_state(path: Path, state: dict[str, Tensor], own: dict[str, Tensor]) -> None:
+    """StageInputError naming `path` unless `state` has exactly the names and shapes of `own`."""
     if set(state) != set(own):
         missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         raise StageInputError(f"{path}: weights of another model (missing {missing[:3]}, unexpected {extra[:3]})")
     for key, value in state.items():
         if value.shape != own[key].shape:
             raise StageInputError(f"{path}: {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
-    module.load_state_dict(state, strict=False)
 
 
 def read_prompts(path: Path) -> list[str]:

@@ -51,19 +51,21 @@ def fidelity_features(params: Params, teacher_dir: Path, prompts: list[str], siz
 
     toy_alignment: the toy classifier's features, real images rendered for the same prompts. inception: FID
     Inception-v3 pool features, real images from the reference file (`didr reference`)."""
-    if params.score.features == "inception":
+    inception = params.score.features == "inception"
+    if inception:
         model = load_inception(Path(params.score.inception), dev)
-        reference = load_reference(Path(params.score.reference), model)
-        extract, real = model.features, reference.features.double()
-        name = f"{NAME} sha256:{model.weights_sha256[:12]}"
+        extract, name = model.features, f"{NAME} sha256:{model.weights_sha256[:12]}"
     else:
-        scorer = load_reward(FEATURES, teacher_dir, dev)
-        extract, real, name = scorer.features, None, FEATURES
+        extract, name = load_reward(FEATURES, teacher_dir, dev).features, FEATURES
 
     def features(x: Tensor) -> Tensor:
         return _batched(lambda im, _: extract(im), x, prompts, dev).double()
 
-    return features, features(real_images(prompts, size, params.seed)) if real is None else real, name
+    if inception:
+        real = load_reference(Path(params.score.reference), model).features.double()
+    else:
+        real = features(real_images(prompts, size, params.seed))
+    return features, real, name
 
 
 def run_score(

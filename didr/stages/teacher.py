@@ -43,7 +43,7 @@ def run_teacher(params: Params, out: Path, progress: bool = True) -> None:
         teacher = load_denoiser(folder, precision=t.precision, device=str(pick_device())).frozen()
         with torch.no_grad():
             for split, texts in prompts.items():
-                save_embeddings(encode(teacher, texts).to("cpu"), tmp / "embeddings", split)
+                save_embeddings(encode(teacher, texts), tmp / "embeddings", split)
         record = {"stage": "teacher", "params": asdict(params), **record}
         write_text_atomic(tmp / "params.json", json.dumps(record, indent=1, default=str))
 
