@@ -14,7 +14,7 @@ from transformers import CLIPTokenizer
 
 from didr.backbones.loading import denoiser_from_components, load_denoiser
 from didr.evaluation.sampling import image_grid, sample_teacher, save_png
-from didr.toy.data import all_labels, make_dataset, parse_prompt, prompt_of, prompt_sets
+from didr.toy.data import all_labels, make_dataset, parse_prompt, prompt_of, prompt_sets, render
 from didr.toy.teacher import build_toy_pipeline, fit_teacher, train_teacher
 from didr.toy.text import WINDOW, WORDS, toy_text_encoder, toy_tokenizer
 
@@ -30,6 +30,17 @@ def test_dataset_is_deterministic_in_its_seed():
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and a.prompts == b.prompts
     assert not torch.equal(a.images, c.images)
     assert a.images.shape == (32, 3, 16, 16) and a.images.min() >= -1 and a.images.max() <= 1
+
+
+def test_shapes_mean_images_are_far_apart():
+    """What a teacher must learn for the shape word at high noise is each shape's mean image over the jitter; with
+    the former small shapes (radius 0.2-0.25 of the side) the closest pair, circle and square, was 0.06 apart (RMS),
+    and the teacher drew blobs. Now every pair is at least 0.15 apart, circle-square the closest."""
+    generator = torch.Generator().manual_seed(0)
+    means = torch.stack([render(torch.tensor([[k, 0, 4, 0]] * 256), 16, generator).mean(0) for k in range(4)])
+    distance = (means[:, None] - means[None]).pow(2).mean((2, 3, 4)).sqrt()
+    apart = distance[~torch.eye(4, dtype=torch.bool)]
+    assert apart.min() > 0.15 and distance[0, 1] == apart.min()
 
 
 def test_parse_prompt_inverts_prompt_of_and_names_bad_prompts():
