@@ -11,7 +11,9 @@ import yaml
 from safetensors.torch import load_file
 
 from didr.cli import main
-from didr.toy.data import prompt_sets
+from didr.stages.score import load_images
+from didr.toy.data import ATTRIBUTES, parse_prompt, prompt_sets
+from didr.toy.rewards import load_toy_reward
 
 TINY = {
     "seed": 0,
@@ -91,6 +93,15 @@ def test_align_sample_score_report_chain(world):
     assert summary["fid_real"] > 1.0
     per_image = pd.read_parquet(root / "score-didr" / "per_image.parquet")
     assert {"toy_preference", "toy_aesthetic", "toy_alignment", "toy_utility"} <= set(per_image.columns)
+    # prompt following: the classifier's reading of each image against its prompt, attribute by attribute
+    scorer = load_toy_reward("alignment", root / "teacher" / "rewards")
+    _, images = load_images(root / "samples-didr")
+    read = torch.stack([lg.argmax(1) for lg in scorer.logits(images)], 1)
+    labels = torch.stack([parse_prompt(q) for q in per_image["prompt"]])
+    for i, attribute in enumerate(ATTRIBUTES):
+        assert per_image[f"match_{attribute}"].tolist() == (read[:, i] == labels[:, i]).double().tolist()
+    summary = json.loads((root / "score-didr" / "summary.json").read_text())
+    assert summary["match_shape"] == pytest.approx(per_image["match_shape"].mean())
 
     report = root / "report"
     assert run("report", *p, "--scores", *[str(root / f"score-{n}") for n in sets],
@@ -179,6 +190,15 @@ def test_bad_inputs_fail_with_one_line_naming_the_file(world, capsys, tmp_path):
     )
     assert not (tmp_path / "t").exists()
     assert "no teacher stage output" in error_of("sample", *p, "--teacher", str(missing), "--out", str(tmp_path / "s"))
+
+
+def test_grid_columns_spread_over_distinct_prompts():
+    from didr.stages.report import spread_rows
+
+    prompts = [p for p in "abcdefgh" for _ in range(2)]  # two seeds per prompt, sorted as the evaluation files are
+    assert spread_rows(prompts, 4) == [0, 4, 10, 14]  # a, c, f, h: first and last prompt, their first seed each
+    assert spread_rows(prompts, 12) == list(range(0, 16, 2))  # fewer prompts than columns: each once
+    assert spread_rows(["x", "y", "x"], 2) == [0, 1]
 
 
 def test_grid_thumbnails_keep_small_images_and_shrink_large_ones():

@@ -17,7 +17,7 @@ from didr.evaluation.inception import NAME, load_inception
 from didr.evaluation.reference import load_reference
 from didr.stages.common import load_reward, pick_device, read_run_params
 from didr.stages.io import StageInputError, write_text_atomic
-from didr.toy.data import parse_prompt, render
+from didr.toy.data import ATTRIBUTES, parse_prompt, render
 from didr.training.atomic import atomic_dir
 
 FEATURES = "toy_alignment"
@@ -44,6 +44,15 @@ def _batched(fn, images: Tensor, prompts: list[str], device: torch.device, batch
         return torch.cat(
             [fn(images[i : i + batch].to(device), prompts[i : i + batch]).cpu() for i in range(0, len(images), batch)]
         )
+
+
+def prompt_match(scorer, images: Tensor, prompts: list[str], device: torch.device) -> dict[str, np.ndarray]:
+    """Toy world: per image, 1.0 where the attribute classifier reads the prompt's shape / colour / position /
+    background in the image, else 0.0 (columns match_<attribute>; their means are the set's prompt-following
+    accuracies)."""
+    labels = torch.stack([parse_prompt(p) for p in prompts])
+    read = _batched(lambda im, _: torch.stack([lg.argmax(1) for lg in scorer.logits(im)], 1), images, prompts, device)
+    return {f"match_{a}": (read[:, i] == labels[:, i]).double().numpy() for i, a in enumerate(ATTRIBUTES)}
 
 
 def fidelity_features(params: Params, teacher_dir: Path, prompts: list[str], size: int, dev: torch.device):
@@ -80,6 +89,10 @@ def run_score(
     for name in params.rewards.eval:
         reward = load_reward(name, teacher_dir, dev, params.rewards.models.get(name))
         per_image[name] = _batched(reward, images, prompts, dev).numpy()
+    matches = []
+    if params.score.features == FEATURES:
+        columns = prompt_match(load_reward(FEATURES, teacher_dir, dev), images, prompts, dev)
+        per_image, matches = per_image.assign(**columns), list(columns)
     features, real, extractor = fidelity_features(params, teacher_dir, prompts, images.shape[-1], dev)
     ours, teacher = features(images), features(teacher_images)
     kid_real, kid_real_std = kernel_distance(ours, real)
@@ -92,6 +105,7 @@ def run_score(
         "sample_dir": str(sample_dir),
         "images": len(index),
         **{f"{name}_mean": float(per_image[name].mean()) for name in params.rewards.eval},
+        **{name: float(per_image[name].mean()) for name in matches},
         "features": extractor,
         "fid_real": frechet_distance(ours, real),
         "kid_real": kid_real,
