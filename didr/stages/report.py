@@ -84,23 +84,33 @@ def thumbnails(images: Tensor, cell: int = THUMBNAIL) -> Tensor:
     return F.interpolate(images, size=(cell, cell), mode="bilinear", antialias=True).clamp(0, 1)
 
 
+def spread_rows(prompts: list[str], columns: int) -> list[int]:
+    """Rows of up to `columns` distinct prompts spread evenly over a sample set (each prompt's first row), so that a
+    sorted prompt set shows all its kinds (every shape of the toy world), not just its first few prompts."""
+    firsts = sorted({p: i for i, p in reversed(list(enumerate(prompts)))}.values())
+    picks = torch.linspace(0, len(firsts) - 1, min(columns, len(firsts))).round().long()
+    return [firsts[i] for i in picks.tolist()]
+
+
 def grid_figure(sample_dirs: list[Path], path: Path, columns: int = 12) -> None:
-    """Rows = sample sets, columns = the same prompt and seed in each; prompts under the columns."""
-    images, index, labels = [], None, []
+    """Rows = sample sets, columns = the same prompt and seed in each (`spread_rows` of the first set's prompts);
+    prompts under the columns."""
+    images, index, labels, rows = [], None, [], None
     for folder in sample_dirs:
         run = read_run_params(folder)
         labels.append(f"{run['method']} {run['setting']}")
         frame, pictures = load_images(folder)
-        images.append(thumbnails(pictures[:columns]))
         index = frame if index is None else index
-    columns = min(len(part) for part in images)
+        rows = spread_rows(index["prompt"].tolist(), columns) if rows is None else rows
+        images.append(thumbnails(pictures[rows]))
+    columns = len(rows)
     scale = max(1, 64 // images[0].shape[-1])  # small toy images drawn at 64 px
-    grid = image_grid(torch.cat([part[:columns] for part in images]), nrow=columns, scale=scale)
+    grid = image_grid(torch.cat(images), nrow=columns, scale=scale)
     fig, ax = plt.subplots(figsize=(columns * 0.9 + 2, len(sample_dirs) * 0.9 + 1))
     ax.imshow(grid)
     ax.set_yticks([(i + 0.5) * grid.height / len(labels) for i in range(len(labels))], labels, fontsize=7)
     ax.set_xticks([(j + 0.5) * grid.width / columns for j in range(columns)])
-    prompts = [textwrap.shorten(p, 60, placeholder="...") for p in index["prompt"][:columns]]
+    prompts = [textwrap.shorten(index["prompt"][r], 60, placeholder="...") for r in rows]
     ax.set_xticklabels([textwrap.fill(p, 20) for p in prompts], fontsize=5)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
