@@ -21,7 +21,8 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from results import append_section
 
 METHODS = {
     "di": {},
@@ -119,10 +120,7 @@ def main() -> None:
             f"| {method} | {r['seconds']:.3f} | {r['seconds'] / base['seconds']:.2f} | {r['peak_mib']:.0f} "
             f"| {r['peak_mib'] / base['peak_mib']:.2f} |"
         )
-    text = "\n".join(lines) + "\n\n"
-    print(text)
-    out = Path(__file__).with_name("RESULTS.md")
-    out.write_text((out.read_text() if out.exists() else "# Benchmark results\n\n") + text)
+    append_section(lines)
 
 
 if __name__ == "__main__":

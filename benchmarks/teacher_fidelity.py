@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from results import append_section
 
 from didr.backbones.loading import denoiser_from_components
 from didr.config import load_params
@@ -88,10 +89,7 @@ def main() -> None:
         lines.append(f"| {r['seed']} | {cells} | {r['confusion']} | {r['seconds']:.0f} |")
     means = " | ".join(f"{statistics.mean(r['accuracy'][a] for r in results):.1%}" for a in ATTRIBUTES)
     lines.append(f"| mean | {means} | | |")
-    text = "\n".join(lines) + "\n\n"
-    print(text)
-    out = Path(__file__).with_name("RESULTS.md")
-    out.write_text((out.read_text() if out.exists() else "# Benchmark results\n\n") + text)
+    append_section(lines)
 
 
 if __name__ == "__main__":
