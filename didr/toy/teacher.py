@@ -233,9 +233,9 @@ def train_teacher(
 ) -> dict[str, Any]:
     """fit_teacher with these defaults, saved atomically at out_dir (loadable with `load_denoiser`); the record.
 
-    The VP defaults train in about 170 s on one core of a 2-core CPU (torch.set_num_threads(1); two threads were slower
-    on the shared machine); 25-step samples at guidance 3 match their prompt's colour, position and background in
-    98-100% of draws, their shape only in about a third (the shapes come out as blobs).
+    The VP defaults train in about 110 s on both cores of a 2-core CPU (170 s on one); 25-step samples at guidance 3
+    match their prompt's colour, position and background in 98-100% of draws and its shape in 59-85% over three
+    training seeds (benchmarks/teacher_fidelity.py).
     """
     pipe, record = fit_teacher(
         kind,
