@@ -16,12 +16,14 @@ def stage_counts(runs: int) -> dict[str, int]:
     return {"teacher": 1, "warmup": 1, "align": runs, "sample": runs + 2, "score": runs + 2, "report": 1, "all": 1}
 
 
-@pytest.mark.parametrize("preset", [None, "presets/embedded-sweep.yaml"])
-def test_dry_run_plans_every_stage_of_the_grid(tmp_path, preset):
+@pytest.mark.parametrize(
+    ("preset", "expected"), [(None, 6), ("presets/embedded-sweep.yaml", 39), ("presets/embedded-flow.yaml", 13)]
+)
+def test_dry_run_plans_every_stage_of_the_grid(tmp_path, preset, expected):
     project = scratch_project(tmp_path / "p", params=ROOT / "params.yaml")
     args = [] if preset is None else ["--configfile", preset]
     runs = len(expand_grid(load_params(ROOT / (preset or "params.yaml")).grid))
-    assert runs == (6 if preset is None else 39)
+    assert runs == expected
     assert planned_jobs(project, *args) == stage_counts(runs)
 
 
