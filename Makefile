@@ -1,4 +1,5 @@
-# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Two commands do everything on a fresh machine: `make demo` and `make test` (the whole suite, as CI runs it).
+# `make test-fast` leaves out the tests marked integration; `make lint` runs the checkers (CI runs it before the tests).
 # Both create .venv in the repo (or VENV=<path>) and install every version pinned by constraints.txt: torch 2.14.1 with
 # its torchvision (~5.5 GB), the package with its dev and rewards extras, then hpsv2 and image-reward without their
 # stale pins (--no-deps) and the BPE vocabulary hpsv2's wheel lacks.
@@ -6,8 +7,10 @@ PYTHON ?= python3
 VENV := .venv
 PIP := $(VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints.txt
 STAMP := $(VENV)/.installed
+PYTEST := $(VENV)/bin/python -m pytest -q -p no:cacheprovider
+PY_SOURCES := didr tests examples benchmarks
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-fast lint lint-ruff lint-snakefmt lint-mypy clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,12 +29,30 @@ demo: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH snakemake --report reports/report.html
 	$(VENV)/bin/python benchmarks/pipeline_times.py --experiment embedded
 
-lint: $(STAMP)
-	$(VENV)/bin/ruff check didr tests examples benchmarks
-	$(VENV)/bin/ruff format --check didr tests examples benchmarks
+# Each checker is one lint-* target listed here (`snakemake --lint` runs in the suite, tests/test_workflow.py).
+lint: lint-ruff lint-snakefmt lint-mypy
 
-test: lint
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+lint-ruff: $(STAMP)
+	$(VENV)/bin/ruff check $(PY_SOURCES)
+	$(VENV)/bin/ruff format --check $(PY_SOURCES)
+
+# Settings in pyproject.toml's [tool.snakefmt].
+lint-snakefmt: $(STAMP)
+	$(VENV)/bin/snakefmt --check workflow Snakefile
+
+# Settings in pyproject.toml's [tool.mypy]: the package, didr/.
+lint-mypy: $(STAMP)
+	$(VENV)/bin/mypy
+
+# The whole suite, about 12 minutes on 2 cores. Where SLURM is not installed the SLURM tests skip, saying so, unless
+# DIDR_INSTALL_SLURM=1 (or DIDR_REQUIRE_SLURM=1, as CI sets) has them install it with apt-get.
+test: $(STAMP)
+	$(PYTEST)
+
+# All but the integration tests (the pipeline in subprocesses: Snakemake, DVC, SLURM, the launcher; package-built or
+# full-size models; the README example).
+test-fast: $(STAMP)
+	$(PYTEST) -m "not integration"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,5 +1,5 @@
 """A scratch copy of the pipeline's files (as a fresh clone has them) with a tiny params file, for the tests that
-run Snakemake, SLURM or DVC on the real workflow."""
+run Snakemake, SLURM or DVC on the real workflow; the suite's one tiny params file (tests/data/tiny_params.yaml)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).parents[1]
 TINY = Path(__file__).parent / "data"
 PIPELINE_FILES = ["Snakefile", "workflow", "slurm", "profiles", "presets", "dvc.yaml", ".dvcignore"]
+TINY_PARAMS = TINY / "tiny_params.yaml"
 BIN = Path(sys.executable).parent  # the venv's snakemake, dvc and didr
 
 
-def scratch_project(folder: Path, params: Path = TINY / "tiny_params.yaml") -> Path:
+def tiny_params(**sections: dict) -> dict:
+    """tests/data/tiny_params.yaml with its prompt files as absolute paths (for stages run outside a scratch
+    project), each keyword updating that section: tiny_params(rewards={"eval": [...]})."""
+    params = yaml.safe_load(TINY_PARAMS.read_text())
+    params["prompts"] = {split: str(TINY / Path(path).name) for split, path in params["prompts"].items()}
+    for name, update in sections.items():
+        params[name] = {**params.get(name, {}), **update}
+    return params
+
+
+def scratch_project(folder: Path, params: Path = TINY_PARAMS) -> Path:
     """`folder` with the Snakefile, workflow/, the slurm and workflow profiles, presets, dvc.yaml, the repository's
     prompt files and the tiny params and prompt files (params.yaml is the tiny one)."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -6,8 +6,9 @@ for the tests that submit jobs. A test module uses the session fixture by import
     def test_x(slurm_cluster): ...  # slurm_cluster.partition, slurm_cluster.jobs(name), slurm_cluster.cancel(name)
 
 A running cluster is reused, and one started here is left running for the next session (and for concurrent sessions
-that reuse it). When none can be brought up (not root, no apt-get, a daemon that does not start) the test is skipped,
-or fails when DIDR_REQUIRE_SLURM=1 (CI)."""
+that reuse it). SLURM is installed with apt-get only where asked: DIDR_REQUIRE_SLURM=1 (CI, .ci/run) or
+DIDR_INSTALL_SLURM=1. When no cluster can be brought up (SLURM not installed and not asked to install it, not root,
+no apt-get, a daemon that does not start) the test is skipped with the reason, or fails when DIDR_REQUIRE_SLURM=1."""
 
 from __future__ import annotations
 
@@ -105,9 +106,16 @@ def _works(command: list[str], **kwargs) -> bool:
 
 
 def _install() -> None:
-    """The Debian packages, when a daemon or client is missing (apt lists refreshed only if the install fails)."""
-    if all(shutil.which(tool) for tool in ("slurmctld", "slurmd", "sbatch", "munged")):
+    """The Debian packages, when a daemon or client is missing and installing was asked for (apt lists refreshed only
+    if the install fails)."""
+    missing = [tool for tool in ("slurmctld", "slurmd", "sbatch", "munged") if not shutil.which(tool)]
+    if not missing:
         return
+    if "1" not in (os.environ.get("DIDR_REQUIRE_SLURM"), os.environ.get("DIDR_INSTALL_SLURM")):
+        raise ClusterUnavailable(
+            f"SLURM is not installed ({', '.join(missing)} not found); DIDR_INSTALL_SLURM=1 installs it with apt-get"
+            " (as root)"
+        )
     if os.geteuid() != 0:
         raise ClusterUnavailable("SLURM is not installed and installing it needs root")
     if not shutil.which("apt-get"):
@@ -179,7 +187,7 @@ def _node_ready(node: str) -> bool:
 
 
 def start_cluster() -> SlurmCluster:
-    """The running cluster, or a new one brought up here (installed first when needed)."""
+    """The running cluster, or a new one brought up here (installed first when needed and asked for)."""
     node = socket.gethostname().split(".")[0]
     if _controller_up():
         _wait(lambda: _node_ready(node), 60, f"node {node} of the running cluster does not take jobs")

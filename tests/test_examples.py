@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration  # the README example, run end to end
+
 
 def load_example():
     path = Path(__file__).parents[1] / "examples" / "custom_reward_and_denoiser.py"

@@ -17,6 +17,8 @@ from tiny_models import random_inception_state, save_clip_model, save_sdxl
 from didr.backbones.loading import load_denoiser
 from didr.cli import main
 
+pytestmark = pytest.mark.integration  # the six stages on tiny SDXL, CLIP and Inception models
+
 PROMPTS = ["red cat", "blue dog", "green tree", "a yellow sun"]
 T_STAR = 0.3993994  # timestep 399 of 1000, where DMD2's one-step SDXL generator reads its noise
 

@@ -28,6 +28,8 @@ from didr.evaluation.reference import (
 )
 from didr.stages.io import read_prompts
 
+pytestmark = pytest.mark.integration  # the full-size FID Inception (random weights) against pytorch-fid
+
 PROMPTS = Path(__file__).resolve().parents[1] / "data" / "prompts"
 
 

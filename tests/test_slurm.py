@@ -16,6 +16,8 @@ import pytest
 from pipeline_project import scratch_project
 from slurm_cluster import SlurmCluster, slurm_cluster_fixture  # noqa: F401
 
+pytestmark = pytest.mark.integration  # the tiny DAG on the localhost SLURM cluster
+
 COMMAND = ["snakemake", "--profile", "slurm", "all"]
 LOCAL_RULES = {"report", "all"}
 # The tiny DAG: about 1.5 min with `--cores 2`; on SLURM 3 min on an idle 2-core machine (each job starts Snakemake

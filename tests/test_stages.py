@@ -8,21 +8,15 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from pipeline_project import tiny_params
 from safetensors.torch import load_file
 
 from didr.cli import main
 from didr.stages.score import load_images
-from didr.toy.data import ATTRIBUTES, parse_prompt, prompt_sets
+from didr.toy.data import ATTRIBUTES, parse_prompt
 from didr.toy.rewards import load_toy_reward
 
-TINY = {
-    "seed": 0,
-    "teacher": {"steps": 30, "batch_size": 16, "n_images": 256, "reward_alignment_steps": 60,
-                "reward_preference_steps": 40},
-    "warmup": {"steps": 4, "batch_size": 8},
-    "align": {"steps": 4, "batch_size": 4, "fake_updates": 1, "checkpoint_every": 2},
-    "sample": {"per_prompt": 2, "teacher_steps": 3},
-}  # fmt: skip
+TOY_REWARDS = ["toy_preference", "toy_aesthetic", "toy_alignment", "toy_utility"]
 
 
 def run(*args: str) -> int:
@@ -30,21 +24,18 @@ def run(*args: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A tiny params file and prompt files, and the teacher and warm-up stages run once."""
+def world(tmp_path_factory, tiny_teacher):
+    """The tiny params with every toy reward evaluated, a copy of the session's tiny teacher (the teacher stage on
+    the same tiny params), and the warm-up stage run once."""
     root = tmp_path_factory.mktemp("world")
-    train, evaluation = prompt_sets()
-    (root / "train.txt").write_text("\n".join(train[:12]) + "\n")
-    (root / "eval.txt").write_text("\n".join(evaluation[:4]) + "\n")
-    params = {**TINY, "prompts": {"train": str(root / "train.txt"), "eval": str(root / "eval.txt")}}
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(rewards={"eval": TOY_REWARDS})))
     p = ["--params", str(root / "params.yaml")]
-    assert run("teacher", *p, "--out", str(root / "teacher")) == 0
+    shutil.copytree(tiny_teacher, root / "teacher")
     assert run("warmup", *p, "--teacher", str(root / "teacher"), "--out", str(root / "warmup")) == 0
     return root, p
 
 
-def test_teacher_and_warmup_outputs(world):
+def test_teacher_and_warmup_outputs(world, tiny_teacher):
     root, _ = world
     teacher = root / "teacher"
     assert (teacher / "pipeline" / "model_index.json").is_file()
@@ -56,7 +47,8 @@ def test_teacher_and_warmup_outputs(world):
     record = json.loads((teacher / "params.json").read_text())
     assert record["params"]["teacher"]["steps"] == 30
     assert {p.name for p in (root / "warmup").iterdir()} == {"generator.safetensors", "fake.safetensors", "params.json"}
-    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temporary folders left
+    for folder in (root, tiny_teacher.parent):  # where warmup and teacher ran: no temporary folders left
+        assert not [p for p in folder.iterdir() if p.name.startswith(".")]
 
 
 def test_align_sample_score_report_chain(world):
