@@ -1,5 +1,6 @@
 # The didr pipeline: teacher -> warmup -> align (the grid) -> sample -> score -> report.
-# Laptop: `snakemake --cores 2 all`; cluster: `snakemake --profile slurm all`; a preset: add `--configfile FILE`.
+# Laptop: `snakemake --cores 2 all`; cluster: `snakemake --profile slurm all`; a preset: add `--configfile FILE`
+# after the target (`--configfile` takes several files: a target after it would be read as one).
 # Every experiment fact comes from params.yaml (checked against workflow/schemas/params.schema.yaml before any job
 # is submitted); cluster facts come from the profile.
 from snakemake.utils import min_version

@@ -1,5 +1,5 @@
 """dvc.yaml from a params file: the Snakemake rules as DVC stages, one stage per job, with the same names, commands,
-params sections, dependencies and outputs, built from didr.grid and didr.layout like the rules themselves.
+params sections, dependencies and outputs, built from didr/jobs.py's table like the rules themselves.
 
     python -m didr.dvc_pipeline --params params.yaml --out dvc.yaml
 
@@ -18,15 +18,27 @@ from pathlib import Path
 
 import yaml
 
-from didr import layout
-from didr.config import STAGE_PARAMS, load_params
-from didr.grid import expand_grid
+from didr import jobs
+from didr.config import load_params
 
 HEADER = """\
 # Generated from {params} by `python -m didr.dvc_pipeline --params {params} --out dvc.yaml`; do not edit.
 # The Snakemake rules as DVC stages, one per job, with the same commands (logs aside): `dvc repro` runs the DAG,
 # `dvc status` names the stale jobs, `dvc metrics show` / `dvc plots show` read the report.
 """
+# How DVC iterates over a stage's jobs: its `foreach` items (one per run id or sample set, from each job) and the
+# slots of the stage's command that take an item's value instead of a value built from the job's name (${key}).
+FOREACH = {
+    "align": (lambda job: " ".join(job.params["options"]), {"params.options": "${item}"}),  # the run's options
+    "sample": (  # the teacher set samples the teacher itself: its second dependency repeats the first
+        lambda job: {
+            "model": job.input["generator"] or job.input["teacher"],
+            "option": " ".join(job.params["generator"]),
+        },
+        {"input.generator": "${item.model}", "params.generator": "${item.option}"},
+    ),
+    "score": (None, {}),  # a list of sample sets: ${item} is the set
+}
 
 
 def _holds(data: dict, key: str) -> bool:
@@ -38,88 +50,37 @@ def _holds(data: dict, key: str) -> bool:
     return True
 
 
+def _paths(value: jobs.Value) -> list[str]:
+    return value if isinstance(value, list) else [value] if value else []
+
+
 def pipeline(params_file: str) -> dict:
     """The dvc.yaml mapping of the experiment in `params_file` (a path relative to the repository root)."""
     params = load_params(params_file)
-    exp = params.experiment
-    teacher, warmup = str(layout.teacher_dir(exp)), str(layout.warmup_dir(exp))
-    runs = {run.id: " ".join(run.align_options()) for run in expand_grid(params.grid)}
-    sets = [*layout.REFERENCES, *runs]
-    generators = {name: layout.generator_dir(exp, name) for name in sets}  # none for the teacher set
-    scores = [str(layout.scores_dir(exp, name)) for name in sets]
-    samples = [str(layout.samples_dir(exp, name)) for name in sets]
-    reports = str(layout.report_dir(exp))
-
     written = yaml.safe_load(Path(params_file).read_text(encoding="utf-8"))
 
     def reads(stage: str) -> list:
         """The stage's params that the file writes out (DVC tracks only keys a params file holds; an absent one
         takes its default)."""
-        keys = [key for key in STAGE_PARAMS[stage] if _holds(written, key)]
+        keys = [key for key in jobs.STAGES[stage].reads if _holds(written, key)]
         return keys if params_file == "params.yaml" else [{params_file: keys}]
 
-    def cmd(stage: str, *options: str) -> str:
-        return " ".join([f"didr {stage} --params {params_file}", *options])
+    def stage(job: jobs.Job) -> dict:
+        deps = [path for value in job.input.values() for path in _paths(value)]
+        cmd = " ".join(job.command(params_file))
+        return {"cmd": cmd, "deps": deps, "params": reads(job.stage.name), "outs": [job.output]}
 
-    stages = {
-        "teacher": {
-            "cmd": cmd("teacher", f"--out {teacher}"),
-            "deps": [params.prompts.train, params.prompts.eval],
-            "params": reads("teacher"),
-            "outs": [teacher],
-        },
-        "warmup": {
-            "cmd": cmd("warmup", f"--teacher {teacher} --out {warmup}"),
-            "deps": [teacher],
-            "params": reads("warmup"),
-            "outs": [warmup],
-        },
-        "align": {
-            "foreach": runs,  # run id: its `didr align` options
-            "do": {
-                "cmd": cmd(
-                    "align",
-                    f"--teacher {teacher} --warmup {warmup} ${{item}}",
-                    f"--checkpoints {layout.checkpoints_dir(exp, '${key}')} --out {layout.align_dir(exp, '${key}')}",
-                ),
-                "deps": [teacher, warmup],
-                "params": reads("align"),
-                "outs": [str(layout.align_dir(exp, "${key}"))],
-            },
-        },
-        "sample": {
-            # the teacher set samples the teacher itself: its second dependency repeats the first
-            "foreach": {
-                name: {"model": str(generator or teacher), "option": f"--generator {generator}" if generator else ""}
-                for name, generator in generators.items()
-            },
-            "do": {
-                "cmd": cmd("sample", f"--teacher {teacher} ${{item.option}} --out {layout.samples_dir(exp, '${key}')}"),
-                "deps": [teacher, "${item.model}"],
-                "params": reads("sample"),
-                "outs": [str(layout.samples_dir(exp, "${key}"))],
-            },
-        },
-        "score": {
-            "foreach": sets,
-            "do": {
-                "cmd": cmd(
-                    "score",
-                    f"--teacher {teacher} --samples {layout.samples_dir(exp, '${item}')}",
-                    f"--reference {layout.samples_dir(exp, 'teacher')} --out {layout.scores_dir(exp, '${item}')}",
-                ),
-                "deps": [teacher, str(layout.samples_dir(exp, "${item}")), str(layout.samples_dir(exp, "teacher"))],
-                "params": reads("score"),
-                "outs": [str(layout.scores_dir(exp, "${item}"))],
-            },
-        },
-        "report": {
-            "cmd": cmd("report", "--scores", *scores, "--samples", *samples, f"--out {reports}"),
-            "deps": [*scores, *samples],
-            "params": reads("report"),
-            "outs": [reports],  # one folder: `didr report` replaces it as a whole
-        },
-    }
+    stages = {}
+    for name, spec in jobs.STAGES.items():
+        if not spec.each:
+            stages[name] = stage(jobs.job(params, name))
+            continue
+        item, given = FOREACH[name]
+        key = "${key}" if item else "${item}"
+        every = jobs.jobs(params, name)
+        foreach = {job.name: item(job) for job in every} if item else [job.name for job in every]
+        stages[name] = {"foreach": foreach, "do": stage(jobs.job(params, name, key, given))}
+    reports = jobs.STAGES["report"].output(params.experiment, "report")
     table = f"{reports}/metrics.csv"
     return {
         "stages": stages,

@@ -1,6 +1,7 @@
 """`didr launch`: one pipeline stage, or a sweep of align runs, submitted through submitit to SLURM or to local
 processes, without Snakemake. Each job runs the same `didr <stage>` command as the stage's Snakemake rule, with the
-same output and log paths (didr/layout.py), so outputs made either way are interchangeable.
+same inputs, output, log paths and default resources (all from didr/jobs.py), so outputs made either way are
+interchangeable.
 
 Job states never come from submitit: it reads them from `sacct`, which fails on clusters without accounting; then it
 logs a warning at every poll, calls every job UNKNOWN and waits forever for a job that died without writing its
@@ -24,18 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from didr import layout
-from didr.grid import expand_grid
+from didr import jobs, layout
 
-STAGES = ("teacher", "warmup", "align", "sample", "score", "report")
-DEFAULTS = {  # gpus and minutes per job, as the Snakemake rules ask (the report rule runs on the submit host)
-    "teacher": (1, 60),
-    "warmup": (1, 60),
-    "align": (1, 120),
-    "sample": (1, 30),
-    "score": (1, 30),
-    "report": (0, 30),
-}
+STAGES = tuple(jobs.STAGES)
 ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"}
 ENDED |= {"SPECIAL_EXIT", "TIMEOUT"}  # squeue states of a job that no longer runs
 RESULT_GRACE_S = 15  # how long a job out of the queue may take to show its result file (submitit waits as long)
@@ -54,52 +46,39 @@ class Task:
     inputs: list[tuple[Path, str]]  # (path, what it is) that must exist before the job is submitted
 
 
+WHAT = {  # what a job's input is, by its name in the job table (didr/jobs.py)
+    "train": "prompts.train",
+    "eval": "prompts.eval",
+    "teacher": "the teacher stage's output",
+    "warmup": "the warmup stage's output",
+    "generator": "the generator of {name}",
+    "samples": "the samples of {name}",
+    "reference": "the teacher's samples",
+}
+WHAT_EACH = {"scores": "a score stage's output", "samples": "a sample stage's output"}  # an input of several paths
+
+
 def stage_tasks(params: Any, params_file: Path, stage: str, names: list[str]) -> list[Task]:
     """Every job of `stage` (one per name; every run or sample set when `names` is empty), each with the command of
-    its Snakemake rule (workflow/rules/<stage>.smk); ValueError names a run or sample set that is not in the grid."""
-    exp, t = params.experiment, layout.teacher_dir(params.experiment)
-    runs = {run.id: run for run in expand_grid(params.grid)}
-    sets = [*layout.REFERENCES, *runs]
-    base = ["didr", stage, "--params", str(params_file)]
-    teacher = [(t, "the teacher stage's output")]
-    if stage == "teacher":
-        prompts = [(Path(params.prompts.train), "prompts.train"), (Path(params.prompts.eval), "prompts.eval")]
-        return [Task(stage, [*base, "--out", str(t)], t, layout.log_file(exp, stage), prompts)]
-    if stage == "warmup":
-        out = layout.warmup_dir(exp)
-        return [Task(stage, [*base, "--teacher", str(t), "--out", str(out)], out, layout.log_file(exp, stage), teacher)]
-    if stage == "report":
-        scores, samples = [layout.scores_dir(exp, s) for s in sets], [layout.samples_dir(exp, s) for s in sets]
-        out = layout.report_dir(exp)
-        command = [*base, "--scores", *map(str, scores), "--samples", *map(str, samples), "--out", str(out)]
-        inputs = [(f, "a score stage's output") for f in scores] + [(f, "a sample stage's output") for f in samples]
-        return [Task(stage, command, out / "metrics.parquet", layout.log_file(exp, stage), inputs)]
-    known = list(runs) if stage == "align" else sets
-    for name in names:
-        if name not in known:
-            what = "a run of the grid" if stage == "align" else "a sample set (teacher, warm-start or a grid run)"
-            raise ValueError(f"{name!r} is not {what} of {params_file} ({len(known)} known, e.g. {known[-1]})")
+    its Snakemake rule (both from didr/jobs.py); ValueError names a run or sample set that is not in the grid."""
+    known = jobs.names(params, stage)
+    if jobs.STAGES[stage].each:
+        for name in names:
+            if name not in known:
+                what = "a run of the grid" if stage == "align" else "a sample set (teacher, warm-start or a grid run)"
+                raise ValueError(f"{name!r} is not {what} of {params_file} ({len(known)} known, e.g. {known[-1]})")
+    else:
+        names = []
     tasks = []
     for name in dict.fromkeys(names or known):  # each once, in order
-        if stage == "align":
-            out, warmup = layout.align_dir(exp, name), layout.warmup_dir(exp)
-            options = ["--warmup", str(warmup), *runs[name].align_options()]
-            options += ["--checkpoints", str(layout.checkpoints_dir(exp, name))]
-            inputs = [*teacher, (warmup, "the warmup stage's output")]
-        elif stage == "sample":
-            out, generator = layout.samples_dir(exp, name), layout.generator_dir(exp, name)
-            options = [] if generator is None else ["--generator", str(generator)]
-            inputs = teacher + ([] if generator is None else [(generator, f"the generator of {name}")])
-        else:
-            out, samples, reference = [
-                layout.scores_dir(exp, name),
-                layout.samples_dir(exp, name),
-                layout.samples_dir(exp, "teacher"),
-            ]
-            options = ["--samples", str(samples), "--reference", str(reference)]
-            inputs = [*teacher, (samples, f"the samples of {name}"), (reference, "the teacher's samples")]
-        command = [*base, "--teacher", str(t), *options, "--out", str(out)]
-        tasks.append(Task(name, command, out, layout.log_file(exp, stage, name), inputs))
+        job = jobs.job(params, stage, name)
+        inputs = []
+        for key, value in job.input.items():
+            if isinstance(value, list):
+                inputs += [(Path(path), WHAT_EACH[key]) for path in value]
+            elif value:
+                inputs.append((Path(value), WHAT[key].format(name=name)))
+        tasks.append(Task(name, job.command(str(params_file)), Path(job.done), Path(job.log), inputs))
     return tasks
 
 
@@ -149,13 +128,13 @@ class Submission:
 
 def executor_settings(args: argparse.Namespace) -> dict[str, Any]:
     """submitit's settings for `--executor` and the stage's resources; ValueError names a missing one."""
-    gpus, minutes = DEFAULTS[args.stage]
+    default = jobs.STAGES[args.stage].resources
     settings: dict[str, Any] = {
         "name": f"didr-{args.stage}",
-        "timeout_min": args.time_min or minutes,
-        "gpus_per_node": gpus if args.gpus is None else args.gpus,
-        "cpus_per_task": args.cpus,
-        "mem_gb": args.mem_gb,
+        "timeout_min": default.runtime if args.time_min is None else args.time_min,
+        "gpus_per_node": default.gpus if args.gpus is None else args.gpus,
+        "cpus_per_task": default.threads if args.cpus is None else args.cpus,
+        "mem_gb": default.mem_mb / 1000 if args.mem_gb is None else args.mem_gb,
     }
     if args.executor == "slurm":
         partition = args.partition or os.environ.get("DIDR_SLURM_PARTITION")
@@ -203,7 +182,7 @@ def poll(sub: Submission, slurm: bool, states: dict[str, str] | None) -> str:
 def watch(executor: Any, tasks: list[Task], max_jobs: int, cwd: str) -> list[Submission]:
     """Submit the tasks (at most `max_jobs` at a time, 0 for no limit), print a line as each job ends, resubmit a
     preempted one once (it resumes from its checkpoints); returns every task's last submission, in ending order."""
-    waiting, running, ended = list(tasks), [], []
+    waiting, running, ended = list(tasks), list[Submission](), list[Submission]()
     slurm = executor.cluster == "slurm"
     last_squeue = 0.0
 
@@ -283,6 +262,16 @@ def launch(args: argparse.Namespace) -> int:
     return 1
 
 
+def defaults(resource: str, per: int = 1) -> str:
+    """The stages' default of a resource, for the help: `1 (report 0)`, `60 (align 120; sample, score, report 30)`."""
+    values: dict[float, list[str]] = {}
+    for stage in jobs.STAGES.values():
+        values.setdefault(getattr(stage.resources, resource) / per, []).append(stage.name)
+    (first, _), *others = values.items()
+    exceptions = "; ".join(f"{', '.join(names)} {value:g}" for value, names in others)
+    return f"{first:g} ({exceptions})" if others else f"{first:g}"
+
+
 def add_launch_parser(commands: Any) -> argparse.ArgumentParser:
     """The `didr launch <stage>` parser: executor, resources and the stage's runs or sample sets."""
     common = argparse.ArgumentParser(add_help=False)
@@ -295,10 +284,11 @@ def add_launch_parser(commands: Any) -> argparse.ArgumentParser:
     )
     common.add_argument("--partition", help="SLURM partition (default: $DIDR_SLURM_PARTITION)")
     common.add_argument("--account", help="SLURM account (default: $DIDR_SLURM_ACCOUNT, else none)")
-    common.add_argument("--gpus", type=int, help="GPUs per job (default: 1; 0 for report)")
-    common.add_argument("--cpus", type=int, default=2, help="CPU cores per job")
-    common.add_argument("--mem-gb", type=float, default=8.0, help="memory per job")
-    common.add_argument("--time-min", type=int, help="time limit per job (default: 60 teacher, warmup; 120 align; 30)")
+    # Each default is the stage's, from the job table (didr/jobs.py), as its Snakemake rule asks.
+    common.add_argument("--gpus", type=int, help=f"GPUs per job (default: {defaults('gpus')})")
+    common.add_argument("--cpus", type=int, help=f"CPU cores per job (default: {defaults('threads')})")
+    common.add_argument("--mem-gb", type=float, help=f"memory per job (default: {defaults('mem_mb', 1000)})")
+    common.add_argument("--time-min", type=int, help=f"time limit per job (default: {defaults('runtime')})")
     common.add_argument("--max-jobs", type=int, help="jobs at a time (default: 1 local, no limit slurm)")
     launch_parser = commands.add_parser(
         "launch",

@@ -17,8 +17,10 @@ from dvc.dependency.param import ParamsDependency
 from dvc.repo import Repo
 from pipeline_project import ROOT, environment, scratch_project
 
-from didr.config import STAGE_PARAMS
 from didr.dvc_pipeline import render
+from didr.jobs import STAGES
+
+pytestmark = pytest.mark.integration  # DVC and Snakemake run the tiny DAG in subprocesses
 
 RUNS = ["method=didr/beta=0.5/seed=0", "method=dipp/alpha=2/seed=0"]  # tests/data/tiny_params.yaml's grid
 SETS = ["teacher", "warm-start", *RUNS]
@@ -128,7 +130,7 @@ def test_a_preset_is_the_params_file_of_every_stage(tmp_path):
         for stage in stages:
             assert f"--params {preset} " in stage.cmd
             params = [(dep.def_path, dep.params) for dep in stage.deps if isinstance(dep, ParamsDependency)]
-            written = [key for key in STAGE_PARAMS[stage.name.partition("@")[0]] if key != "rewards.models"]
+            written = [key for key in STAGES[stage.name.partition("@")[0]].reads if key != "rewards.models"]
             assert params == [(preset, written)], stage.name  # the preset writes out every key but rewards.models
 
 

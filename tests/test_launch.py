@@ -24,6 +24,8 @@ from slurm_cluster import slurm_cluster_fixture  # noqa: F401 (the `slurm_cluste
 from didr.config import load_params
 from didr.launch import STAGES, stage_tasks
 
+pytestmark = pytest.mark.integration  # `didr launch` runs the stages in subprocesses and through sbatch
+
 GRID = ["method=didr/beta=0.5/seed=0", "method=dipp/alpha=2/seed=0"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per job: two cores are shared by the jobs and the tests
 ENV.pop("DIDR_SLURM_PARTITION", None)

@@ -2,13 +2,16 @@
 run of the tiny DAG, reruns limited to what a change touches, the HTML report, and `snakemake --lint`."""
 
 import json
+from dataclasses import asdict
 
 import pytest
 import yaml
 from pipeline_project import ROOT, planned_jobs, scratch_project, snakemake
 
-from didr.config import load_params
+from didr.config import SampleParams, load_params
 from didr.grid import expand_grid
+
+pytestmark = pytest.mark.integration  # Snakemake plans and runs the tiny DAG in subprocesses
 
 
 def stage_counts(runs: int) -> dict[str, int]:
@@ -42,6 +45,28 @@ def test_model_zoo_presets_plan_their_grid_with_the_80gb_resources(tmp_path, pre
     plan = snakemake(project, "all", "--dry-run", *args).stdout
     align = [block for block in plan.split("rule ")[1:] if block.startswith("align:")]
     assert len(align) == runs and all("runtime=2880, mem_mb=128000" in block for block in align)
+
+
+def test_config_is_the_params_file_the_jobs_read(tmp_path):
+    """With a preset, Snakemake's `config` (which the report's captions read) is the preset alone, with the defaults
+    the `didr` commands take, not params.yaml deep-merged with it; --config, which the commands never see, stops."""
+    project = scratch_project(tmp_path / "p")
+    preset = yaml.safe_load((project / "params.yaml").read_text())
+    preset["grid"]["methods"] = {"didr": {"beta": [0.25]}}  # params.yaml's grid also has dipp
+    del preset["sample"]  # the jobs take the defaults
+    (project / "preset.yaml").write_text(yaml.safe_dump(preset))
+    (project / "probe.smk").write_text(
+        'include: "Snakefile"\n\n\nimport json\n\nwith open("config.json", "w") as f:\n    json.dump(config, f)\n'
+    )
+    result = snakemake(project, "-s", "probe.smk", "--dry-run", "all", "--configfile", "preset.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((project / "config.json").read_text())
+    assert config["grid"]["methods"] == {"didr": {"beta": [0.25]}}
+    assert config == json.loads(json.dumps(asdict(load_params(project / "preset.yaml"))))
+    assert config["sample"]["teacher_steps"] == SampleParams.teacher_steps  # the caption of metrics.csv reads it
+    refused = snakemake(project, "--dry-run", "all", "--config", "seed=1")
+    assert refused.returncode != 0
+    assert "--config: the didr commands read the params file only" in refused.stdout + refused.stderr
 
 
 def test_lint_is_clean():

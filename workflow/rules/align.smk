@@ -1,27 +1,24 @@
 rule align:
     """One run of the grid from the warm start. Checkpoints live outside the output, so a preempted job (exit 75)
-    that is retried resumes from its latest checkpoint."""
+    that is retried resumes from its latest checkpoint. Inputs (teacher, warmup), output, command and resources:
+    didr/jobs.py's table."""
     input:
-        teacher=TEACHER,
-        warmup=WARMUP,
+        unpack(job_input("align")),
     output:
-        directory(str(layout.align_dir(EXP, "{run}"))),
+        directory(job_path("align")),
     params:
         file=PARAMS_FILE,
-        options=align_options,
-        checkpoints=lambda wildcards: layout.checkpoints_dir(EXP, wildcards.run),
-        settings=settings("align"),
+        options=job_param("align", "options"),
+        checkpoints=job_param("align", "checkpoints"),
+        settings=jobs.settings(P, "align"),
     conda:
         "../envs/didr.yaml"
     log:
-        str(layout.log_file(EXP, "align", "{run}")),
+        job_path("align", "log"),
     benchmark:
-        str(layout.benchmark_file(EXP, "align", "{run}"))
-    threads: 2
+        job_path("align", "benchmark")
+    threads: jobs.STAGES["align"].resources.threads
     resources:
-        gpu=1,
-        mem_mb=8000,
-        runtime=120,
+        **jobs.rule_resources("align"),
     shell:
-        "didr align --params {params.file} --teacher {input.teacher} --warmup {input.warmup} {params.options}"
-        " --checkpoints {params.checkpoints} --out {output} > {log} 2>&1"
+        jobs.shell("align")

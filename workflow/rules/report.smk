@@ -1,8 +1,8 @@
 rule report:
-    """Across the grid and the references: the metrics table, Pareto plots per reward, the image grid."""
+    """Across the grid and the references: the metrics table, Pareto plots per reward, the image grid. Inputs
+    (scores, samples: every sample set's) and command: didr/jobs.py's table; it runs on Snakemake's host."""
     input:
-        scores=expand(str(layout.scores_dir(EXP, "{set}")), set=SAMPLE_SETS),
-        samples=expand(str(layout.samples_dir(EXP, "{set}")), set=SAMPLE_SETS),
+        unpack(job_input("report")),
     output:
         table=f"{REPORTS}/metrics.parquet",
         csv=report(f"{REPORTS}/metrics.csv", caption="../report/metrics.rst", category="Metrics"),
@@ -16,15 +16,14 @@ rule report:
         ),
     params:
         file=PARAMS_FILE,
-        out=lambda wildcards, output: os.path.dirname(output.table),
-        settings=settings("report"),
+        out=job_param("report", "out"),
+        settings=jobs.settings(P, "report"),
     conda:
         "../envs/didr.yaml"
     log:
-        str(layout.log_file(EXP, "report")),
+        job_path("report", "log"),
     benchmark:
-        str(layout.benchmark_file(EXP, "report"))
+        job_path("report", "benchmark")
     localrule: True
     shell:
-        "didr report --params {params.file} --scores {input.scores} --samples {input.samples} --out {params.out}"
-        " > {log} 2>&1"
+        jobs.shell("report")

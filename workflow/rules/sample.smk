@@ -1,24 +1,22 @@
 rule sample:
-    """Evaluation images of one set: the teacher reference, the warm start, or one aligned generator."""
+    """Evaluation images of one set: the teacher reference, the warm start, or one aligned generator. Inputs
+    (teacher, generator: none for the teacher set), output, command and resources: didr/jobs.py's table."""
     input:
-        teacher=TEACHER,
-        generator=generator_of,
+        unpack(job_input("sample")),
     output:
-        directory(str(layout.samples_dir(EXP, "{set}"))),
+        directory(job_path("sample")),
     params:
         file=PARAMS_FILE,
-        generator=lambda wildcards, input: f"--generator {input.generator}" if input.generator else "",
-        settings=settings("sample"),
+        generator=job_param("sample", "generator"),
+        settings=jobs.settings(P, "sample"),
     conda:
         "../envs/didr.yaml"
     log:
-        str(layout.log_file(EXP, "sample", "{set}")),
+        job_path("sample", "log"),
     benchmark:
-        str(layout.benchmark_file(EXP, "sample", "{set}"))
-    threads: 2
+        job_path("sample", "benchmark")
+    threads: jobs.STAGES["sample"].resources.threads
     resources:
-        gpu=1,
-        mem_mb=8000,
-        runtime=30,
+        **jobs.rule_resources("sample"),
     shell:
-        "didr sample --params {params.file} --teacher {input.teacher} {params.generator} --out {output} > {log} 2>&1"
+        jobs.shell("sample")

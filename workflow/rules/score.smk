@@ -1,25 +1,21 @@
 rule score:
-    """Per-image rewards (training and held-out) and per-set fidelity against real and teacher images."""
+    """Per-image rewards (training and held-out) and per-set fidelity against real and teacher images. Inputs
+    (teacher, samples, reference: the teacher's samples), output, command and resources: didr/jobs.py's table."""
     input:
-        teacher=TEACHER,
-        samples=str(layout.samples_dir(EXP, "{set}")),
-        reference=str(layout.samples_dir(EXP, "teacher")),
+        unpack(job_input("score")),
     output:
-        directory(str(layout.scores_dir(EXP, "{set}"))),
+        directory(job_path("score")),
     params:
         file=PARAMS_FILE,
-        settings=settings("score"),
+        settings=jobs.settings(P, "score"),
     conda:
         "../envs/didr.yaml"
     log:
-        str(layout.log_file(EXP, "score", "{set}")),
+        job_path("score", "log"),
     benchmark:
-        str(layout.benchmark_file(EXP, "score", "{set}"))
-    threads: 2
+        job_path("score", "benchmark")
+    threads: jobs.STAGES["score"].resources.threads
     resources:
-        gpu=1,
-        mem_mb=8000,
-        runtime=30,
+        **jobs.rule_resources("score"),
     shell:
-        "didr score --params {params.file} --teacher {input.teacher} --samples {input.samples}"
-        " --reference {input.reference} --out {output} > {log} 2>&1"
+        jobs.shell("score")

@@ -1,23 +1,21 @@
 rule teacher:
-    """Teacher caching: the toy world's teacher and rewards trained from scratch, prompt embeddings cached."""
+    """Teacher caching: the toy world's teacher and rewards trained from scratch, prompt embeddings cached.
+    Inputs (train, eval: the prompt files), output, command and resources: didr/jobs.py's table."""
     input:
-        train=P.prompts.train,
-        eval=P.prompts.eval,
+        unpack(job_input("teacher")),
     output:
-        directory(TEACHER),
+        directory(job_path("teacher")),
     params:
         file=PARAMS_FILE,
-        settings=settings("teacher"),
+        settings=jobs.settings(P, "teacher"),
     conda:
         "../envs/didr.yaml"
     log:
-        str(layout.log_file(EXP, "teacher")),
+        job_path("teacher", "log"),
     benchmark:
-        str(layout.benchmark_file(EXP, "teacher"))
-    threads: 2
+        job_path("teacher", "benchmark")
+    threads: jobs.STAGES["teacher"].resources.threads
     resources:
-        gpu=1,
-        mem_mb=8000,
-        runtime=60,
+        **jobs.rule_resources("teacher"),
     shell:
-        "didr teacher --params {params.file} --out {output} > {log} 2>&1"
+        jobs.shell("teacher")

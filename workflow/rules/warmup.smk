@@ -1,22 +1,21 @@
 rule warmup:
-    """The one-step generator initialised from the teacher at t*, and the fake score warmed up on its samples."""
+    """The one-step generator initialised from the teacher at t*, and the fake score warmed up on its samples.
+    Inputs (teacher), output, command and resources: didr/jobs.py's table."""
     input:
-        teacher=TEACHER,
+        unpack(job_input("warmup")),
     output:
-        directory(WARMUP),
+        directory(job_path("warmup")),
     params:
         file=PARAMS_FILE,
-        settings=settings("warmup"),
+        settings=jobs.settings(P, "warmup"),
     conda:
         "../envs/didr.yaml"
     log:
-        str(layout.log_file(EXP, "warmup")),
+        job_path("warmup", "log"),
     benchmark:
-        str(layout.benchmark_file(EXP, "warmup"))
-    threads: 2
+        job_path("warmup", "benchmark")
+    threads: jobs.STAGES["warmup"].resources.threads
     resources:
-        gpu=1,
-        mem_mb=8000,
-        runtime=60,
+        **jobs.rule_resources("warmup"),
     shell:
-        "didr warmup --params {params.file} --teacher {input.teacher} --out {output} > {log} 2>&1"
+        jobs.shell("warmup")

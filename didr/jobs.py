@@ -1,0 +1,272 @@
+"""The pipeline's jobs, written once: for each stage the `didr` command, its named inputs and its output (paths from
+didr/layout.py, functions of the experiment and the job's run id or sample set), the params keys it reads and its
+default resources. The Snakemake rules (workflow/rules/*.smk), the DVC stages (didr/dvc_pipeline.py) and the
+launcher (didr/launch.py) are all built from this table, so the three run the same jobs.
+
+    stage    one job per            command (T teacher, W warm start, S samples, C scores: each stage's output)
+    teacher  -                      didr teacher --params P --out T
+    warmup   -                      didr warmup --params P --teacher T --out W
+    align    run of the grid        didr align --params P --teacher T --warmup W <run options> --checkpoints K --out A
+    sample   sample set             didr sample --params P --teacher T [--generator W or A] --out S
+    score    sample set             didr score --params P --teacher T --samples S --reference S_teacher --out C
+    report   -                      didr report --params P --scores C... --samples S... --out R
+
+A sample set is a reference (layout.REFERENCES: the teacher with N steps and CFG, the warm start) or a run of the grid.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from didr import layout
+from didr.grid import expand_grid, parse_run_id
+
+Value = str | list[str]  # a path, or words (a list of paths, command options; empty for none)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one job of a stage asks for by default (a profile's set-resources, or launcher options, override it)."""
+
+    gpus: int
+    mem_mb: int
+    runtime: int  # minutes
+    threads: int
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline.
+
+    `command` is in Snakemake's shell syntax, one word a placeholder at most: {input.<name>} and {params.<name>} are
+    the job's values (a list fills several words, an empty one none), {params.file} the params file and {output} the
+    output. `values(params, name)` gives a job's named inputs ("input.<name>") and other command values
+    ("params.<name>"); a value that depends on what the name is (a run's options, a set's generator) is a function,
+    called only when the job is a real one, not a pattern whose name is a placeholder such as {run} or ${key}."""
+
+    name: str
+    each: str  # one job per: "" the stage once, "run" run of the grid, "set" sample set
+    command: str
+    output: Callable[[str, str], Any]  # (experiment, name) -> path
+    values: Callable[[Any, str], dict[str, Value | Callable[[], Value]]]  # (params, name) -> slot -> value
+    reads: tuple[str, ...]  # params sections or section.key: a job reruns when one changes
+    resources: Resources
+    local: bool = False  # runs on Snakemake's host (localrule); its resources are the launcher's only
+    done: str = ""  # the file of the output whose presence means the job is done ("" for the output itself)
+
+
+def _teacher(p: Any, name: str) -> dict:
+    return {"input.train": p.prompts.train, "input.eval": p.prompts.eval}
+
+
+def _warmup(p: Any, name: str) -> dict:
+    return {"input.teacher": str(layout.teacher_dir(p.experiment))}
+
+
+def _align(p: Any, run: str) -> dict:
+    exp = p.experiment
+    return {
+        "input.teacher": str(layout.teacher_dir(exp)),
+        "input.warmup": str(layout.warmup_dir(exp)),
+        "params.options": lambda: parse_run_id(run).align_options(),  # --method M --strength S --seed N [--set k=v]
+        "params.checkpoints": str(layout.checkpoints_dir(exp, run)),  # outside the output: a retried job resumes
+    }
+
+
+def _sample(p: Any, sample_set: str) -> dict:
+    def generator() -> Value:  # the one-step generator of the set: none for the teacher reference
+        folder = layout.generator_dir(p.experiment, sample_set)
+        return [] if folder is None else str(folder)
+
+    return {
+        "input.teacher": str(layout.teacher_dir(p.experiment)),
+        "input.generator": generator,
+        "params.generator": lambda: ["--generator", generator()] if generator() else [],
+    }
+
+
+def _score(p: Any, sample_set: str) -> dict:
+    exp = p.experiment
+    return {
+        "input.teacher": str(layout.teacher_dir(exp)),
+        "input.samples": str(layout.samples_dir(exp, sample_set)),
+        "input.reference": str(layout.samples_dir(exp, "teacher")),
+    }
+
+
+def _report(p: Any, name: str) -> dict:
+    exp, sets = p.experiment, sample_sets(p)
+    return {
+        "input.scores": [str(layout.scores_dir(exp, s)) for s in sets],
+        "input.samples": [str(layout.samples_dir(exp, s)) for s in sets],
+        "params.out": str(layout.report_dir(exp)),  # one folder, which `didr report` replaces as a whole
+    }
+
+
+STAGES: dict[str, Stage] = {
+    stage.name: stage
+    for stage in [
+        Stage(
+            "teacher",
+            each="",
+            command="didr teacher --params {params.file} --out {output}",
+            output=lambda exp, name: layout.teacher_dir(exp),
+            values=_teacher,
+            reads=("seed", "teacher", "prompts"),
+            resources=Resources(gpus=1, mem_mb=8000, runtime=60, threads=2),
+        ),
+        Stage(
+            "warmup",
+            each="",
+            command="didr warmup --params {params.file} --teacher {input.teacher} --out {output}",
+            output=lambda exp, name: layout.warmup_dir(exp),
+            values=_warmup,
+            reads=("seed", "warmup", "finetune", "align.t_min", "align.t_max_sampling"),
+            resources=Resources(gpus=1, mem_mb=8000, runtime=60, threads=2),
+        ),
+        Stage(
+            "align",
+            each="run",
+            command="didr align --params {params.file} --teacher {input.teacher} --warmup {input.warmup}"
+            " {params.options} --checkpoints {params.checkpoints} --out {output}",
+            output=layout.align_dir,
+            values=_align,
+            reads=("align", "finetune", "rewards.train", "rewards.models"),
+            resources=Resources(gpus=1, mem_mb=8000, runtime=120, threads=2),
+        ),
+        Stage(
+            "sample",
+            each="set",
+            command="didr sample --params {params.file} --teacher {input.teacher} {params.generator} --out {output}",
+            output=layout.samples_dir,
+            values=_sample,
+            reads=("sample",),
+            resources=Resources(gpus=1, mem_mb=8000, runtime=30, threads=2),
+        ),
+        Stage(
+            "score",
+            each="set",
+            command="didr score --params {params.file} --teacher {input.teacher} --samples {input.samples}"
+            " --reference {input.reference} --out {output}",
+            output=layout.scores_dir,
+            values=_score,
+            reads=("seed", "rewards.eval", "rewards.models", "score"),
+            resources=Resources(gpus=1, mem_mb=8000, runtime=30, threads=2),
+        ),
+        Stage(
+            "report",
+            each="",
+            command="didr report --params {params.file} --scores {input.scores} --samples {input.samples}"
+            " --out {params.out}",
+            output=lambda exp, name: layout.report_dir(exp),
+            values=_report,
+            reads=("rewards.eval",),
+            resources=Resources(gpus=0, mem_mb=8000, runtime=30, threads=2),
+            local=True,
+            done="metrics.parquet",
+        ),
+    ]
+}
+REPORT_TABLES = ("metrics.parquet", "metrics.csv", "metrics.json", "fronts.csv", "grid.png")  # and pareto_<reward>.png
+
+
+@dataclass(frozen=True)
+class Job:
+    """One job: its stage, its name (the stage's, a run id or a sample set), named inputs, output and the other
+    values of its command; a pattern job's name is a placeholder, and its values hold placeholders too."""
+
+    stage: Stage
+    name: str
+    input: dict[str, Value]
+    params: dict[str, Value]
+    output: str
+    log: str
+    benchmark: str
+    slots: dict[str, Value] = field(repr=False)
+
+    @property
+    def done(self) -> str:
+        return f"{self.output}/{self.stage.done}" if self.stage.done else self.output
+
+    def command(self, params_file: str) -> list[str]:
+        """The job's `didr` command, word by word."""
+        return fill(self.stage.command, {**self.slots, "params.file": str(params_file)})
+
+
+def fill(template: str, slots: dict[str, Value]) -> list[str]:
+    """The words of a command template with each {slot} word replaced by its value (a list: its words)."""
+    words = []
+    for word in template.split():
+        if not (word.startswith("{") and word.endswith("}")):
+            words.append(word)
+            continue
+        value = slots[word[1:-1]]
+        words.extend(value if isinstance(value, list) else [value] if value else [])
+    return words
+
+
+def runs(p: Any) -> list[str]:
+    """The run ids of the grid, in grid order."""
+    return [run.id for run in expand_grid(p.grid)]
+
+
+def sample_sets(p: Any) -> list[str]:
+    """The sample sets: the references, then the runs of the grid."""
+    return [*layout.REFERENCES, *runs(p)]
+
+
+def names(p: Any, stage: str) -> list[str]:
+    """The names of a stage's jobs: the stage's own, the run ids, or the sample sets."""
+    each = STAGES[stage].each
+    return runs(p) if each == "run" else sample_sets(p) if each == "set" else [stage]
+
+
+def job(p: Any, stage: str, name: str | None = None, given: Mapping[str, Value] | None = None) -> Job:
+    """The job `name` of `stage` (a stage run once needs no name). With `given` values for the slots that depend on
+    what the name is, `name` may be a placeholder ({run}, ${key}) and the job a pattern of the stage's jobs."""
+    spec = STAGES[stage]
+    name = name or stage
+    given = given or {}
+    slots = {slot: given[slot] if slot in given else value() if callable(value) else value
+             for slot, value in spec.values(p, name).items()}  # fmt: skip
+    output = slots["output"] = str(spec.output(p.experiment, name))
+    one = name if spec.each else None
+    return Job(
+        stage=spec,
+        name=name,
+        input={slot[6:]: value for slot, value in slots.items() if slot.startswith("input.")},
+        params={slot[7:]: value for slot, value in slots.items() if slot.startswith("params.")},
+        output=output,
+        log=str(layout.log_file(p.experiment, stage, one)),
+        benchmark=str(layout.benchmark_file(p.experiment, stage, one)),
+        slots=slots,
+    )
+
+
+def jobs(p: Any, stage: str) -> list[Job]:
+    """Every job of a stage."""
+    return [job(p, stage, name) for name in names(p, stage)]
+
+
+def settings(p: Any, stage: str) -> str:
+    """The params a stage reads, as one JSON string (a Snakemake param: a job reruns when it changes)."""
+    values = asdict(p)
+    picked = {}
+    for key in STAGES[stage].reads:
+        section, _, name = key.partition(".")
+        picked[key] = values[section][name] if name else values[section]
+    return json.dumps(picked, sort_keys=True)
+
+
+def shell(stage: str) -> str:
+    """A rule's shell command: the stage's `didr` command, its output and errors in the job's log."""
+    return f"{STAGES[stage].command} > {{log}} 2>&1"
+
+
+def rule_resources(stage: str) -> dict[str, int]:
+    """A rule's resources (gpu=1 -> sbatch --gpus=1, mem_mb -> --mem, runtime in minutes -> --time)."""
+    r = STAGES[stage].resources
+    return {"gpu": r.gpus, "mem_mb": r.mem_mb, "runtime": r.runtime}
