@@ -1,4 +1,4 @@
-"""DIDR and its baselines against closed forms on Gaussian references (ALGORITHM.md 3.2; issue 2, items 6a-6c)."""
+"""DIDR and its baselines against closed forms on Gaussian references (docs/algorithm.md §6; issue 2, items 6a-6c)."""
 
 import math
 
@@ -86,7 +86,8 @@ def test_proxies_are_exact_for_a_linear_reward(schedule_name):
 
 
 def test_tweedie_overestimate_of_quadratic_drs_grows_with_noise():
-    """Proxy / exact norm in 2D, VP cosine, beta = 1 (ALGORITHM.md 3.2: 1.02, 1.74, 2.74, 3.5 at a = .99 .. .1)."""
+    """Proxy / exact norm in 2D, VP cosine, beta = 1: 1.04, 1.74, 2.74, 3.51 at a = .99, .8, .5, .1
+    (docs/algorithm.md §6.3)."""
     schedule = SCHEDULES["vp-cosine"]()
     ref = GaussianDenoiser(torch.zeros(2), SIGMA, schedule).frozen()
     reward = QuadraticReward(torch.zeros(2), Q)
@@ -105,7 +106,8 @@ def test_tweedie_overestimate_of_quadratic_drs_grows_with_noise():
 @pytest.mark.parametrize("c", [0.5, 1.0])
 def test_k_step_proxy_carries_the_ode_map_bias(c):
     """For N(0, c^2 I) under rectified flow and a linear reward, the K-step proxy tends to the ODE map's slope:
-    DRP_K / DRS -> sqrt((1 - t)^2 c^2 + t^2) / ((1 - t) c), about 9x at t = 0.9 for c = 1 (ALGORITHM.md 3.1)."""
+    DRP_K / DRS -> sqrt((1 - t)^2 c^2 + t^2) / ((1 - t) c), about 9x at t = 0.9 for c = 1
+    (docs/algorithm.md §5.5, §6.4)."""
     ref = GaussianDenoiser(torch.zeros(2), c**2 * torch.eye(2), FlowSchedule()).frozen()
     reward, beta = LinearReward(B), 1.0
     exact = reward.exact_drs(ref, beta)

@@ -159,7 +159,7 @@ def test_vp_v_prediction_round_trip(key):
     v = D.v_from_x0(x_t, x0, a, s)
     torch.testing.assert_close(v, a * eps - s * x0, rtol=0, atol=1e-10)
     torch.testing.assert_close(D.x0_from_v(x_t, v, a, s), x0, rtol=0, atol=1e-10)
-    # and eps_hat = s x_t + a v (ALGORITHM.md section 0)
+    # and eps_hat = s x_t + a v (docs/algorithm.md §1.2)
     torch.testing.assert_close(s * x_t + a * v, eps, rtol=0, atol=1e-10)
 
 

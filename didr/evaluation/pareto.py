@@ -1,4 +1,4 @@
-"""Reward-versus-fidelity Pareto fronts and their dominated hypervolume (ALGORITHM.md section 6).
+"""Reward-versus-fidelity Pareto fronts and their dominated hypervolume (docs/algorithm.md §7).
 
 A point is (cost, reward): cost is a fidelity distance to minimise (FID), reward is to maximise.
 """
@@ -34,5 +34,7 @@ def hypervolume(points: Sequence[tuple[float, float]], reference: tuple[float, f
 
 
 def dominates(ours: Sequence[tuple[float, float]], theirs: Sequence[tuple[float, float]]) -> bool:
-    """Every point of `theirs` is matched by one of `ours` with cost <= and reward >= (ALGORITHM.md section 6)."""
+    """Every point of `theirs` is matched by one of `ours` with cost <= and reward >= (docs/algorithm.md §7).
+
+    A weak (coverage) test: no point need be strictly better, so a front passes against itself."""
     return all(any(c <= tc and r >= tr for c, r in ours) for tc, tr in theirs)

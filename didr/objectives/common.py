@@ -1,4 +1,4 @@
-"""Machinery shared by the integral-KL objectives (ALGORITHM.md sections 1-3).
+"""Machinery shared by the integral-KL objectives (docs/algorithm.md §3).
 
 All objectives work in x0 units. With x_t = a sg(x0) + s eps, the IKL generator gradient
 E w(t) (S_psi - S_target)^T dx_t/dtheta equals E u(t) (x0_psi - x0_target)^T dx0/dtheta with the x0-unit weight
@@ -47,8 +47,9 @@ def check_weighting(weighting: str) -> str:
 
 
 def matching_weight(weighting: str, noisy: NoisySample, x0: Tensor, x0_ref: Tensor) -> Tensor:
-    """Per-sample x0-unit weight u(t): 'uniform' 1; 'snr' a^2 / s^2 (score-unit w = 1, as in DI);
-    'dmd2' 1 / mean_dims |x0 - x0_ref| (DMD2's normaliser)."""
+    """Per-sample x0-unit weight u(t) (docs/algorithm.md §3.3): 'uniform' 1 (DI's public loss, whose x0-unit
+    weight is 1); 'snr' a^2 / s^2 (a flat score-unit weight w = 1, growing without bound as t -> 0); 'dmd2'
+    1 / mean_dims |x0 - x0_ref| (DMD's normaliser, as in DMD2's code)."""
     if weighting == "uniform":
         return torch.ones(x0.shape[0], device=x0.device, dtype=x0.dtype)
     if weighting == "snr":

@@ -1,4 +1,4 @@
-"""Diff-Instruct and Diff-Instruct++ (ALGORITHM.md section 1)."""
+"""Diff-Instruct (Luo et al. 2023) and Diff-Instruct++ (Luo 2024) (docs/algorithm.md §4.1, §4.2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DMD2's distribution-matching loss, optionally reward-augmented (ALGORITHM.md section 2)."""
+"""DMD2's distribution-matching loss, optionally reward-augmented (docs/algorithm.md §4.3)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""Estimators of the Diffused Reward Score DRS_t = grad_{x_t} log E_ref[exp(r(x0) / beta) | x_t] (ALGORITHM.md 3.1).
+"""Estimators of the Diffused Reward Score DRS_t = grad_{x_t} log E_ref[exp(r(x0) / beta) | x_t].
 
 Each estimator returns (DRS in score units, detached; the teacher's guided x0_hat at x_t, detached) so that the
 teacher forward pass at x_t serves both the integral-KL target and the proxy. No gradient reaches the generator:
-the noisy sample is detached and only grad_{x_t} is taken.
+the noisy sample is detached and only grad_{x_t} is taken. Formulas: docs/algorithm.md §5.1 (DRS), §5.4 (DRP).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ DRSEstimator = Callable[[Tensor, Tensor, Conditioning], tuple[Tensor, Tensor]]
 
 
 class DiffusedRewardProxy:
-    """The Diffused Reward Proxy (ALGORITHM.md 3.1).
+    """The Diffused Reward Proxy (docs/algorithm.md §5.4: the idea is DIDR's, these three forms are derived).
 
     - 'tweedie' (K = 1): DRS ~ (1 / beta) grad_{x_t} r(Dec(D(x_t))).
     - 'k-step': DRS ~ (1 / beta) grad_{x_t} r(Dec(D_K(x_t))), D_K a differentiable K-step DDIM / Euler solve.

@@ -1,4 +1,4 @@
-"""The fake ("TA") score's denoising loss on detached generator samples (ALGORITHM.md section 1)."""
+"""The fake ("TA") score's denoising loss on detached generator samples (docs/algorithm.md §2.2)."""
 
 from __future__ import annotations
 

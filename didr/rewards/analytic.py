@@ -1,6 +1,6 @@
 """Linear and quadratic rewards on R^d, with their closed-form tilted laws and Diffused Reward Scores.
 
-For a reference N(mu, Sigma) and the tilt p*(x) ~ p_ref(x) exp(r(x) / beta) (ALGORITHM.md section 3.2):
+For a reference N(mu, Sigma) and the tilt p*(x) ~ p_ref(x) exp(r(x) / beta) (docs/algorithm.md §6.2, §6.3):
 - linear r(x) = b^T x: p* = N(mu + Sigma b / beta, Sigma); DRS_t = (a / s^2) C_t b / beta.
 - quadratic r(x) = -0.5 (x - m)^T Q (x - m): Sigma* = (Sigma^-1 + Q / beta)^-1, m* = Sigma* (Sigma^-1 mu + Q m / beta);
   DRS_t = -(a / s^2) C_t (C_t + beta Q^-1)^-1 (m_t - m).
