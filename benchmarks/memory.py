@@ -1,12 +1,12 @@
 """Peak memory of one SDXL alignment step at 1024x1024: computed on the CPU, measured on a GPU when there is one.
 
 What runs is the project's own step: `didr.training.loop.align` for two steps (batch 1, one fake-score update per
-generator step) on the objective `didr.stages.align.method_objective` builds from params.yaml's align section
+generator step) on the objective `didr.methods.build_objective` builds from params.yaml's align section
 (didr with the K = 1 Tweedie proxy, dipp, or dmd2 with the reward; teacher CFG 3, so every teacher call runs on a
 batch of 2), built the way `didr.stages.align.run_align` builds it: the teacher is `denoiser_from_components` over
 SDXL base 1.0's components built from their published configs with random weights; with
 params.finetune.gradient_checkpointing, `checkpoint_frozen_parts(teacher)` (teacher UNet and VAE) and
-method_objective's `checkpoint` flag (DIDR's proxy recomputes decode + reward in the backward); the generator and
+build_objective's `checkpoint` flag (DIDR's proxy recomputes decode + reward in the backward); the generator and
 the fake score are `didr.stages.common.new_generator` / `new_fake` with params.finetune (LoRA rank, gradient
 checkpointing) and warmup.generator_weights; the reward is the library's `HPSv2Reward` around a transformers
 CLIPModel of OpenCLIP ViT-H-14's dimensions (hpsv2's open_clip is not installed here). With generator_weights (the
@@ -344,8 +344,8 @@ def run_step(setup: Setup, meter: PhaseMeter, keep: list[Any]) -> dict[str, Any]
     from didr.backbones.tuning import checkpoint_frozen_parts
     from didr.config import AlignParams
     from didr.diffusion import UniformTime
+    from didr.methods import build_objective
     from didr.objectives import FakeScoreLoss
-    from didr.stages.align import method_objective
     from didr.stages.common import new_fake, new_generator
     from didr.training.loop import align
 
@@ -362,7 +362,7 @@ def run_step(setup: Setup, meter: PhaseMeter, keep: list[Any]) -> dict[str, Any]
         generator, fake = new_generator(teacher, params).train(), new_fake(teacher, params)
     assert len(loaded) == setup.own_base
     a = AlignParams(batch_size=1, fake_updates=1)
-    objective = method_objective(setup.method, STRENGTH[setup.method], teacher, fake, reward, a, setup.checkpointing)
+    objective = build_objective(setup.method, STRENGTH[setup.method], teacher, fake, reward, a, setup.checkpointing)
     if setup.method == "didr":
         objective.estimator = Labelled(objective.estimator, meter, "gen: DRP", "gen: objective")
     generator.register_forward_pre_hook(
@@ -600,7 +600,7 @@ def report(results: dict[str, dict[str, Any]], sanity: list[dict[str, Any]], sec
         f"({c['reward']:,}), random weights, 1024x1024 (128x128 latents), batch 1, one fake update per generator "
         "step, teacher CFG 3 (batch 2 in every teacher call). Method: the library's align step (two steps, the "
         "second one measured) on fake tensors under a storage tracker, built as `run_align` builds it "
-        "(`new_generator` / `new_fake`, `checkpoint_frozen_parts`, `method_objective(..., checkpoint)`), as the "
+        "(`new_generator` / `new_fake`, `checkpoint_frozen_parts`, `build_objective(..., checkpoint)`), as the "
         "script's docstring explains. 'ckpt' is params.finetune.gradient_checkpointing and everything the library "
         "does with it: generator and fake score, the frozen teacher UNet and VAE, DIDR's proxy (decode + reward "
         "recomputed in the backward); no script-only switch. 'From the teacher': warmup.generator_weights unset, "

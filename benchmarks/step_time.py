@@ -40,6 +40,7 @@ def measure(method: str, steps: int, warmup: int, batch_size: int, fake_updates:
 
     from didr.backbones.loading import denoiser_from_components
     from didr.diffusion import UniformTime
+    from didr.generator import OneStepGenerator
     from didr.objectives import DI, DIDR, DMD2, DIPlusPlus, FakeScoreLoss
     from didr.toy.data import prompt_sets
     from didr.toy.rewards import PreferenceModel
@@ -50,7 +51,7 @@ def measure(method: str, steps: int, warmup: int, batch_size: int, fake_updates:
     pipe = build_toy_pipeline("vp", size=16, seed=0)
     teacher = denoiser_from_components(type(pipe).__name__, pipe.components).to(device).frozen()
     reward = PreferenceModel().to(device).eval().requires_grad_(False)
-    generator, fake = teacher.make_generator(t_star=0.9), teacher.trainable_copy()
+    generator, fake = OneStepGenerator.from_teacher(teacher, t_star=0.9), teacher.trainable_copy()
     times = UniformTime(0.02, 0.98)
     name = method.split()[0]
     objective = {

@@ -112,6 +112,8 @@ def launch(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from didr.methods import METHODS, strength_axes
+
     parser = argparse.ArgumentParser(prog="didr", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     study = commands.add_parser("demo", help="closed-form study of DIDR, its proxies and DI++ (prints a table)")
@@ -140,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     align = stage("align", "one alignment run (resumes from its latest checkpoint)")
     align.add_argument("--teacher", type=Path, required=True)
     align.add_argument("--warmup", type=Path, required=True)
-    align.add_argument("--method", required=True, help="di, dipp, dmd2, didr or reward_only")
-    align.add_argument("--strength", type=float, default=0.0, help="beta (didr), alpha_rew (dipp), weight (dmd2)")
+    align.add_argument("--method", required=True, metavar="{" + ",".join(METHODS) + "}",
+                       help="; ".join(f"{m.name}: {m.help}" for m in METHODS.values()))  # fmt: skip
+    align.add_argument("--strength", type=float, default=0.0, help="the method's strength: " + strength_axes())
     align.add_argument("--seed", type=int, help="the run's seed (default: the params file's seed)")
     align.add_argument("--checkpoints", type=Path, help="checkpoint folder (default: <out>.checkpoints)")
     sample = stage("sample", "evaluation images from a one-step generator, or the teacher with N steps and CFG")

@@ -9,23 +9,15 @@ import dataclasses
 import functools
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, cast, get_type_hints
 
 import jsonschema
 import yaml
 
 SCHEMA = Path(__file__).with_name("params.schema.yaml")  # a link to workflow/schemas/params.schema.yaml
-# The params each stage reads (sections or section.key): a Snakemake job or DVC stage reruns when one changes.
-STAGE_PARAMS = {
-    "teacher": ["seed", "teacher", "prompts"],
-    "warmup": ["seed", "warmup", "finetune", "align.t_min", "align.t_max_sampling"],
-    "align": ["align", "finetune", "rewards.train", "rewards.models"],
-    "sample": ["sample"],
-    "score": ["seed", "rewards.eval", "rewards.models", "score"],
-    "report": ["rewards.eval"],
-}
 
 
 class ConfigError(ValueError):
@@ -157,7 +149,7 @@ def _build(cls: type, data: dict[str, Any]) -> Any:
     for key, value in data.items():
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            value = _build(hint, value)
+            value = _build(cast(type, hint), value)  # a dataclass field's hint: the class, not an instance
         elif hint is float:
             value = float(value)
         values[key] = value
@@ -230,8 +222,10 @@ def _used_rewards(rewards: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _unknown_reward(rewards: dict[str, Any]) -> str | None:
+    from didr.plugins import load_plugins
     from didr.rewards.registry import known_rewards
 
+    load_plugins()  # a world's own rewards (the toy ones) register themselves
     known, used = known_rewards(), _used_rewards(rewards)
     for key, name in used:
         if name not in known:
@@ -267,7 +261,7 @@ def _world_mismatch(data: dict[str, Any]) -> str | None:
     return None
 
 
-def load_params(path: str | Path, overrides: list[str] = ()) -> Params:
+def load_params(path: str | Path, overrides: Sequence[str] = ()) -> Params:
     """Read and check a params file (YAML) against workflow/schemas/params.schema.yaml, after `overrides`;
     ConfigError names the file and the offending key in one line."""
     path = Path(path)

@@ -1,18 +1,11 @@
-"""The one-step generator g_theta(z, c) (ALGORITHM.md section 1)."""
+"""The one-step generator g_theta(z, c) (docs/algorithm.md §2.1)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from didr.backbones.base import Conditioning, Denoiser
-
-
-def check_t_star(t_star: float) -> float:
-    """The conditioning time of a one-step generator must lie in (0, 1]."""
-    if not 0 < t_star <= 1:
-        raise ValueError(f"t_star must lie in (0, 1], got {t_star}")
-    return t_star
+from didr.backbones.base import Conditioning, Denoiser, check_t_star
 
 
 class OneStepGenerator(nn.Module):
@@ -25,6 +18,11 @@ class OneStepGenerator(nn.Module):
     def __init__(self, body: Denoiser, t_star: float, guidance: float = 1.0):
         super().__init__()
         self.body, self.t_star, self.guidance = body, check_t_star(t_star), guidance
+
+    @classmethod
+    def from_teacher(cls, teacher: Denoiser, t_star: float, guidance: float = 1.0) -> OneStepGenerator:
+        """A generator on a trainable copy of `teacher`: at initialisation, the teacher's x0-prediction at t_star."""
+        return cls(teacher.trainable_copy(), t_star=t_star, guidance=guidance)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:

@@ -2,6 +2,7 @@
 
 One run id names one align output folder everywhere (Snakemake rules, DVC stages, the submitit launcher, the
 report), so this module is the only place that turns a grid into runs and a run id back into `didr align` options.
+Each method's strength axis (beta, alpha, weight, or none) is read from its entry of didr/methods.py.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-STRENGTH_AXIS = {"didr": "beta", "dipp": "alpha", "dmd2": "weight", "di": None, "reward_only": None}
+from didr.methods import METHODS, get_method
 
 
 def format_value(value: float | int | str) -> str:
@@ -27,13 +28,12 @@ class Run:
     overrides: tuple[tuple[str, float | int | str], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.method not in STRENGTH_AXIS:
-            raise ValueError(f"method: unknown method {self.method!r}; choose one of {sorted(STRENGTH_AXIS)}")
+        get_method(self.method)
 
     @property
     def axes(self) -> list[tuple[str, float | int | str]]:
         """(axis, value) pairs in id order: the strength axis first, then the overrides."""
-        axis = STRENGTH_AXIS[self.method]
+        axis = METHODS[self.method].axis
         return ([(axis, self.strength)] if axis else []) + list(self.overrides)
 
     @property
@@ -55,7 +55,7 @@ def expand_grid(grid: dict) -> list[Run]:
     """Every run of a validated `grid` section: per method, the product of its axes, times every seed."""
     runs = []
     for method, axes in grid["methods"].items():
-        strength_axis = STRENGTH_AXIS[method]
+        strength_axis = METHODS[method].axis
         names = [strength_axis] if strength_axis else []
         names += [name for name in axes if name != strength_axis]
         for values in itertools.product(*(axes[name] for name in names)):
@@ -76,9 +76,9 @@ def parse_run_id(run_id: str) -> Run:
         seed = int(fields.pop("seed"))
     except (ValueError, KeyError):
         raise ValueError(f"run id {run_id!r}: expected method=<m>/<axis>=<value>/.../seed=<s>") from None
-    if method not in STRENGTH_AXIS:
-        raise ValueError(f"run id {run_id!r}: unknown method {method!r}; choose one of {sorted(STRENGTH_AXIS)}")
-    axis = STRENGTH_AXIS[method]
+    if method not in METHODS:
+        raise ValueError(f"run id {run_id!r}: unknown method {method!r}; choose one of {sorted(METHODS)}")
+    axis = METHODS[method].axis
     strength = float(fields.pop(axis)) if axis in fields else 0.0
     return Run(method, strength, seed, tuple((k, parse_value(v)) for k, v in fields.items()))
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from didr.backbones.base import Conditioning, Denoiser
 from didr.diffusion import FlowSchedule, UniformTime
+from didr.generator import OneStepGenerator
 from didr.objectives import DIDR, FakeScoreLoss
 from didr.training.loop import align
 
@@ -56,7 +57,7 @@ def main(steps: int = 300, seed: int = 0) -> dict[str, float]:
     """Align a one-step generator to the ring tilted by exp(r / beta); return reward and fidelity before/after."""
     torch.manual_seed(seed)
     teacher = PointCloudDenoiser(ring()).frozen()
-    generator = teacher.make_generator(t_star=0.9)  # a trainable copy evaluated once at t* = 0.9
+    generator = OneStepGenerator.from_teacher(teacher, t_star=0.9)  # a trainable copy evaluated once at t* = 0.9
     fake = teacher.trainable_copy()
     times = UniformTime(0.05, 0.9)
     objective_beta = 0.5

@@ -6,6 +6,7 @@ from tiny_models import save_flux, save_pixart, save_sd, save_sd3, save_sdxl, sa
 
 from didr.backbones.loading import load_denoiser
 from didr.backbones.tuning import add_lora
+from didr.generator import OneStepGenerator
 from didr.objectives import DI, DIDR, DMD2, DIPlusPlus, FakeScoreLoss, RewardOnly
 from didr.training.loop import align
 
@@ -43,7 +44,7 @@ def teacher(request, tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["di", "dipp", "dmd2", "didr-tweedie", "didr-k-step-checkpointed", "reward_only"])
 def test_one_alignment_run_through_the_backbone(teacher, method):
-    generator, fake = teacher.make_generator(t_star=0.9), teacher.trainable_copy()
+    generator, fake = OneStepGenerator.from_teacher(teacher, t_star=0.9), teacher.trainable_copy()
     objective = {
         "di": lambda: DI(teacher, fake, teacher_guidance=2.0),
         "dipp": lambda: DIPlusPlus(teacher, fake, brightness, alpha_rew=1.0, teacher_guidance=2.0),
@@ -68,7 +69,7 @@ def test_one_alignment_run_through_the_backbone(teacher, method):
 
 
 def test_lora_alignment_trains_only_the_adapters(teacher):
-    generator = teacher.make_generator(t_star=0.9)
+    generator = OneStepGenerator.from_teacher(teacher, t_star=0.9)
     trainable = add_lora(generator.body, rank=2)
     names = {n for n, p in generator.named_parameters() if p.requires_grad}
     assert trainable > 0 and all("lora_" in n for n in names)

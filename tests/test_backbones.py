@@ -22,6 +22,7 @@ from didr.backbones.pixart import PixArtDenoiser
 from didr.backbones.tuning import add_lora, enable_gradient_checkpointing
 from didr.backbones.unet import UNetDenoiser
 from didr.backbones.zimage import ZImageDenoiser
+from didr.generator import OneStepGenerator
 
 BUILDERS = {
     "sd_eps_pixel": lambda folder: save_sd(folder),
@@ -333,7 +334,7 @@ def test_trainable_copy_shares_frozen_parts(family):
 
 def test_make_generator_starts_at_teacher_x0(family):
     teacher = teacher_of(family)
-    generator = teacher.make_generator(t_star=0.9)
+    generator = OneStepGenerator.from_teacher(teacher, t_star=0.9)
     cond = teacher.encode_prompts(PROMPTS)
     z, _ = inputs(teacher)
     out = generator(z, cond)

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from didr.backbones.gaussian import GaussianDenoiser
 from didr.backbones.loading import load_denoiser
 from didr.diffusion import UniformTime, VPSchedule, cosine_vp_config
+from didr.generator import OneStepGenerator
 from didr.objectives import DI, DIDR, FakeScoreLoss
 from didr.rewards.analytic import QuadraticReward
 from didr.training.checkpoint import PREEMPTED_EXIT_CODE, CheckpointError, Preempted
@@ -238,7 +239,7 @@ def test_resume_through_a_diffusers_unet_is_bit_identical(tmp_path):
 
     def run(folder, **kwargs):
         torch.manual_seed(0)
-        generator, fake = teacher.make_generator(t_star=0.9), teacher.trainable_copy()
+        generator, fake = OneStepGenerator.from_teacher(teacher, t_star=0.9), teacher.trainable_copy()
         return align(
             generator, DIDR(teacher, fake, brightness, beta=0.5), teacher.encode_prompts(["a red cat", "two dogs"]),
             steps=2, batch_size=2, fake=fake, fake_loss=FakeScoreLoss(fake), lr=1e-3, checkpoint_every=1,

@@ -32,6 +32,8 @@ from didr.rewards.aesthetic import AestheticMLP  # noqa: E402
 from didr.rewards.preprocess import clip_pixels, normalize, resize_longest_pad  # noqa: E402
 from didr.rewards.registry import build_reward, known_rewards  # noqa: E402
 
+pytestmark = pytest.mark.integration  # the reward packages (hpsv2, ImageReward, open_clip, ...) build their models
+
 SIZE = 32
 PROMPTS = ["red cat", "a blue sky"]
 # Each registered name and the module of its loader, whose REPO at REVISION is the default weights.
@@ -322,7 +324,8 @@ def test_registry_imports_no_reward_package():
     """The core registry lists the real rewards without importing hpsv2, ImageReward, clip or torchvision."""
     assert set(MODULES) <= set(known_rewards())
     code = (
-        "import sys, didr.rewards.registry as r; r.build_reward('toy_aesthetic'); "
+        "import sys, didr.plugins, didr.rewards.registry as r; didr.plugins.load_plugins(); "
+        "r.build_reward('toy_aesthetic'); "
         "print(sorted(m for m in ('hpsv2', 'ImageReward', 'clip', 'torchvision') if m in sys.modules))"
     )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"

@@ -6,9 +6,12 @@ import math
 import pytest
 import torch
 
+from didr.plugins import load_plugins
 from didr.rewards.registry import RewardMixture, build_reward, known_rewards, register_reward, reward_statistics
 from didr.toy import rewards as toy
 from didr.toy.data import make_dataset, prompt_of, render
+
+load_plugins()  # the toy rewards register themselves
 
 SIZE = 16
 

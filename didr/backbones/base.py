@@ -12,6 +12,7 @@ import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Self
 
 import torch
 from torch import Tensor, nn
@@ -48,8 +49,15 @@ class Conditioning:
         return Conditioning(self.prompts, move(self.embeds), None if self.negative is None else move(self.negative))
 
 
+def check_t_star(t_star: float) -> float:
+    """The conditioning time of a one-step generator must lie in (0, 1]."""
+    if not 0 < t_star <= 1:
+        raise ValueError(f"t_star must lie in (0, 1], got {t_star}")
+    return t_star
+
+
 class Denoiser(nn.Module, ABC):
-    """x0 predictor over a schedule, with CFG, prompt encoding and decoding (ALGORITHM.md section 0)."""
+    """x0 predictor over a schedule, with CFG, prompt encoding and decoding (docs/algorithm.md §1)."""
 
     schedule: Schedule
     sample_shape: tuple[int, ...]
@@ -77,32 +85,26 @@ class Denoiser(nn.Module, ABC):
         x0_u, x0_c = self.predict_x0(torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
         return x0_u + guidance * (x0_c - x0_u)
 
-    def trainable_copy(self) -> Denoiser:
+    def trainable_copy(self) -> Self:
         """An independent copy whose parameters train (for the fake score, or the generator's body)."""
         clone = copy.deepcopy(self)
         clone.requires_grad_(True)
         return clone.train()
 
-    def shared_copy(self) -> Denoiser:
+    def shared_copy(self) -> Self:
         """A copy of the modules that shares every parameter and buffer with this one: LoRA adapters added to it train
         alone while the frozen weights exist once (the fake score and generator of a LoRA run)."""
         memo = {id(tensor): tensor for tensor in itertools.chain(self.parameters(), self.buffers())}
         return copy.deepcopy(self, memo)
 
-    def make_generator(self, t_star: float, guidance: float = 1.0) -> nn.Module:
-        """A one-step generator initialised from this denoiser's x0-prediction at t_star (DMD2, DI++)."""
-        from didr.generator import OneStepGenerator
-
-        return OneStepGenerator(self.trainable_copy(), t_star=t_star, guidance=guidance)
-
     @property
     def device(self) -> torch.device:
-        tensor = next(iter(self.parameters()), None)
+        tensor: Tensor | None = next(iter(self.parameters()), None)
         if tensor is None:
             tensor = next(iter(self.buffers()))
         return tensor.device
 
-    def frozen(self) -> Denoiser:
+    def frozen(self) -> Self:
         """This module with gradients off for its parameters, in eval mode (the teacher)."""
         self.requires_grad_(False)
         return self.eval()

@@ -1,4 +1,4 @@
-"""An analytic Gaussian reference whose denoiser and score are exact at every t (ALGORITHM.md section 3.2).
+"""An analytic Gaussian reference whose denoiser and score are exact at every t (docs/algorithm.md §6.1).
 
 Data x0 ~ N(mu, Sigma) in R^d. Under x_t = a x0 + s eps the marginal is p_t = N(a mu, a^2 Sigma + s^2 I) and the
 posterior mean is m_t = mu + a Sigma (a^2 Sigma + s^2 I)^-1 (x_t - a mu), with posterior covariance
@@ -13,9 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from didr.backbones.base import Conditioning, Denoiser
+from didr.backbones.base import Conditioning, Denoiser, check_t_star
 from didr.diffusion import Schedule, expand_like
-from didr.generator import check_t_star
 
 
 def gaussian_posterior_mean(x_t: Tensor, a: Tensor, s: Tensor, mean: Tensor, cov: Tensor) -> Tensor:
@@ -90,7 +89,9 @@ class GaussianDenoiser(Denoiser):
         return x0
 
     def make_generator(self, t_star: float, guidance: float = 1.0) -> AffineGenerator:
-        """The affine map z -> m_{t*}(z) of this reference's posterior mean at t*, made trainable in full."""
+        """The affine map z -> m_{t*}(z) of this reference's posterior mean at t*, made trainable in full: the exact
+        one-step generator of a Gaussian reference, whose law stays known (a generic denoiser's is
+        `OneStepGenerator.from_teacher`)."""
         t = torch.tensor([check_t_star(t_star)], dtype=self.mean.dtype)
         a, s = self.schedule.alpha_sigma(t)
         eye = torch.eye(self.mean.numel(), dtype=self.mean.dtype)

@@ -1,8 +1,9 @@
-"""DIDR: integral KL to the reward-tilted teacher p*_t ~ p_ref,t h_t (ALGORITHM.md section 3).
+"""DIDR: integral KL to the reward-tilted teacher p*_t ~ p_ref,t h_t (docs/algorithm.md §5).
 
 Target denoiser x0_hat* = x0_hat_ref + gamma(t) 1[t <= t_max] (s^2 / a) DRS_t; descent direction
 G = x0_hat_psi - x0_hat*, pseudo-loss u(t) <sg(G), x0>. With weighting 'dmd2' (the default) and DRS = 0 it is
-exactly DMD2's distribution-matching gradient; as beta -> infinity it is DI.
+exactly DMD2's distribution-matching gradient; as beta -> infinity the DRS vanishes and it is the IKL baseline
+of its weighting ('uniform': DI; 'dmd2': DMD2 without reward; docs/algorithm.md §5.2, §5.3).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class DIDR:
 
     `drs` is a proxy mode ('tweedie', 'k-step', 'hybrid', estimated from `reward` / `beta`) or a callable
     (x_t, t, cond) -> DRS_t (for example an exact closed form). `t_max` caps the DRS to t <= t_max and `gamma`
-    damps it by gamma(t); both make the target deviate from the exact tilt, deliberately (ALGORITHM.md 3.1).
+    damps it by gamma(t); both make the target deviate from the exact tilt, deliberately (docs/algorithm.md §5.5).
     """
 
     def __init__(
@@ -53,6 +54,7 @@ class DIDR:
     ):
         if not 0 < t_max <= 1:
             raise ValueError(f"t_max must lie in (0, 1], got {t_max}")
+        self.estimator: SuppliedDRS | DiffusedRewardProxy
         if callable(drs):
             self.estimator = SuppliedDRS(teacher, drs, teacher_guidance)
         else:

@@ -1,13 +1,13 @@
 """Rewards by name, and weighted, normalised mixtures of them.
 
 Training and held-out evaluation rewards are chosen by name in params.yaml; `build_reward(name, **kwargs)` calls the
-registered factory. The toy rewards are registered here with factories that import `didr.toy.rewards` only when
-called, so this layer never imports the toy world above it. Each toy factory takes `folder` (the trained-rewards
-folder of `train_toy_rewards`); the analytic ones accept and ignore it, so one call builds any toy reward.
+registered factory. The real rewards (hpsv2, imagereward, pickscore, laion_aesthetic, clip_score) are registered
+here: their factories import their module, hence hpsv2, ImageReward and torchvision (the `rewards` extra), only when
+called, accept and ignore `folder` (the trained-rewards folder a world's own rewards read), and pass their other
+options (weights, revision, version, ...) to the module's loader.
 
-The real rewards (hpsv2, imagereward, pickscore, laion_aesthetic, clip_score) are registered the same way: their
-factories import their module, hence hpsv2, ImageReward and torchvision (the `rewards` extra), only when called,
-accept and ignore `folder`, and pass their other options (weights, revision, version, ...) to the module's loader.
+This registry names no world: a world registers its own rewards with `register_reward` from a provider module that
+didr/plugins.py lists (`load_plugins()` runs them before any lookup).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -65,11 +66,11 @@ class RewardMixture:
         self.normalisation = dict(normalisation) if normalisation is not None else {k: (0.0, 1.0) for k in rewards}
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        total = 0
+        total: Tensor | int = 0
         for name, reward in self.rewards.items():
             mean, std = self.normalisation[name]
             total = total + self.weights[name] * (reward(images, prompts) - mean) / std
-        return total
+        return cast(Tensor, total)  # a Tensor once a reward is added; an empty mixture would return the int 0
 
 
 def reward_statistics(reward: Reward, images: Tensor, prompts: Sequence[str]) -> tuple[float, float]:
@@ -77,33 +78,6 @@ def reward_statistics(reward: Reward, images: Tensor, prompts: Sequence[str]) ->
     with torch.no_grad():
         scores = reward(images, prompts).double()
     return scores.mean().item(), scores.std().item()
-
-
-def _toy_trained(name: str) -> Callable[..., Reward]:
-    def factory(folder: str | Path) -> Reward:
-        from didr.toy.rewards import load_toy_reward
-
-        return load_toy_reward(name, folder)
-
-    return factory
-
-
-def _toy_aesthetic(folder: str | Path | None = None) -> Reward:
-    from didr.toy.rewards import AestheticReward
-
-    return AestheticReward()
-
-
-def _toy_utility(folder: str | Path | None = None, size: int = 16) -> Reward:
-    from didr.toy.rewards import HiddenUtility
-
-    return HiddenUtility(size)
-
-
-register_reward("toy_alignment", _toy_trained("alignment"))
-register_reward("toy_preference", _toy_trained("preference"))
-register_reward("toy_aesthetic", _toy_aesthetic)
-register_reward("toy_utility", _toy_utility)
 
 
 def _real(module: str, loader: str) -> Callable[..., Reward]:

@@ -8,41 +8,16 @@ from dataclasses import asdict
 from hashlib import sha256
 from pathlib import Path
 
-from didr.backbones.base import Denoiser
 from didr.backbones.tuning import checkpoint_frozen_parts
-from didr.config import AlignParams, Params
+from didr.config import Params
 from didr.diffusion import UniformTime
 from didr.grid import Run
-from didr.objectives import DI, DIDR, DMD2, METHODS, DIPlusPlus, FakeScoreLoss, RewardOnly
-from didr.rewards.base import Reward
+from didr.methods import build_objective
+from didr.objectives.fake_score import FakeScoreLoss
 from didr.stages.common import load_fake, load_generator, load_prompts, load_reward, load_teacher, pick_device
 from didr.stages.io import save_weights, write_text_atomic
 from didr.training.atomic import atomic_dir
 from didr.training.loop import align
-
-
-def method_objective(
-    method: str, strength: float, teacher: Denoiser, fake: Denoiser, reward: Reward, a: AlignParams,
-    checkpoint: bool = False,
-):  # fmt: skip
-    """The objective of `method`; `strength` is beta (didr), alpha_rew (dipp), the reward weight (dmd2).
-    `checkpoint` recomputes the proxy's decoder and reward in the backward pass (didr)."""
-    times = UniformTime(a.t_min, a.t_max_sampling)
-    g = a.teacher_guidance
-    if method == "didr":
-        return DIDR(
-            teacher, fake, reward, beta=strength, drs=a.drs, drs_steps=a.drs_steps, t_max=a.drs_t_max,
-            time_sampling=times, teacher_guidance=g, checkpoint=checkpoint,
-        )  # fmt: skip
-    if method == "dipp":
-        return DIPlusPlus(teacher, fake, reward, alpha_rew=strength, time_sampling=times, teacher_guidance=g)
-    if method == "dmd2":
-        return DMD2(teacher, fake, times, teacher_guidance=g, reward=reward, reward_weight=strength)
-    if method == "di":
-        return DI(teacher, fake, times, teacher_guidance=g)
-    if method == "reward_only":
-        return RewardOnly(teacher, reward)
-    raise ValueError(f"method: unknown method {method!r}; choose one of {sorted(METHODS)}")
 
 
 def run_align(
@@ -69,7 +44,7 @@ def run_align(
     generator, fake = load_generator(teacher, warmup_dir).train(), load_fake(teacher, warmup_dir)
     a = params.align
     method, strength, seed = run.method, run.strength, run.seed
-    objective = method_objective(method, strength, teacher, fake, reward, a, params.finetune.gradient_checkpointing)
+    objective = build_objective(method, strength, teacher, fake, reward, a, params.finetune.gradient_checkpointing)
     record = {
         "stage": "align", "method": method, "strength": strength, "seed": seed, "run": run.id,
         "setting": run.setting, "params": asdict(params), "generator": {"t_star": generator.t_star},

@@ -9,11 +9,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from didr.backbones.base import Conditioning, Denoiser
+from didr.backbones.adapter import DiffusersDenoiser
+from didr.backbones.base import Conditioning
 from didr.backbones.hub import resolve_file
 from didr.backbones.loading import load_denoiser
 from didr.backbones.tuning import add_lora, enable_gradient_checkpointing
+from didr.config import ScoreParams
+from didr.evaluation.features import FeatureContext, FeatureSet, build_features
 from didr.generator import OneStepGenerator
+from didr.plugins import load_plugins
 from didr.rewards.base import Reward
 from didr.rewards.registry import build_reward
 from didr.stages.io import StageInputError, check_state, load_embeddings, load_weights
@@ -24,7 +28,7 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
 
-def load_teacher(teacher_dir: Path, device: torch.device) -> Denoiser:
+def load_teacher(teacher_dir: Path, device: torch.device) -> DiffusersDenoiser:
     """The frozen teacher of the teacher stage: its trained pipeline folder (embedded world) or the pretrained
     pipeline it pinned (source at revision, from the local cache), at the precision of its params."""
     if not (teacher_dir / "params.json").is_file():
@@ -45,10 +49,19 @@ def load_prompts(teacher_dir: Path, split: str, device: torch.device) -> Conditi
 
 
 def load_reward(name: str, teacher_dir: Path, device: torch.device, options: dict[str, Any] | None = None) -> Reward:
-    """A registered reward built with its options (rewards.models); toy rewards come from the teacher stage's
-    rewards folder."""
+    """A registered reward built with its options (rewards.models); a world's trained rewards (the toy ones) come
+    from the teacher stage's rewards folder."""
+    load_plugins()
     reward = build_reward(name, folder=teacher_dir / "rewards", **(options or {}))
     return reward.to(device) if isinstance(reward, nn.Module) else reward
+
+
+def load_features(score: ScoreParams, seed: int, teacher_dir: Path, device: torch.device) -> FeatureSet:
+    """The fidelity features of params.score (its inception and reference files; a world's features read the teacher
+    stage's output and the experiment seed)."""
+    load_plugins()
+    context = FeatureContext(teacher_dir, device, seed, score.inception, score.reference)
+    return build_features(score.features, context)
 
 
 def read_run_params(run_dir: Path) -> dict:
@@ -59,7 +72,7 @@ def read_run_params(run_dir: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def load_network_weights(denoiser: Denoiser, spec: dict[str, str]) -> None:
+def load_network_weights(denoiser: DiffusersDenoiser, spec: dict[str, str]) -> None:
     """Replace a copy's network weights by a state dict file (warmup.generator_weights): a local file, or `file` of
     the hub repo `source` at `revision`. safetensors, or a torch state dict read with weights_only (no code runs)."""
     path = resolve_file(spec.get("source") or spec["file"], spec.get("revision"), spec["file"])
@@ -73,7 +86,9 @@ def load_network_weights(denoiser: Denoiser, spec: dict[str, str]) -> None:
     denoiser.net.load_state_dict(state)
 
 
-def trainable(teacher: Denoiser, finetune: dict[str, Any], weights: dict[str, str] | None = None) -> Denoiser:
+def trainable(
+    teacher: DiffusersDenoiser, finetune: dict[str, Any], weights: dict[str, str] | None = None
+) -> DiffusersDenoiser:
     """A trainable copy of the teacher as params.finetune says. LoRA (lora_rank > 0): adapters on a copy that shares
     the teacher's frozen weights, unless `weights` (warmup.generator_weights) replace them in a copy of its own; full
     fine-tuning (lora_rank 0): a copy of everything. Gradient checkpointing when asked."""
@@ -88,26 +103,26 @@ def trainable(teacher: Denoiser, finetune: dict[str, Any], weights: dict[str, st
     return copy.train()
 
 
-def new_generator(teacher: Denoiser, params: dict[str, Any]) -> OneStepGenerator:
+def new_generator(teacher: DiffusersDenoiser, params: dict[str, Any]) -> OneStepGenerator:
     """The one-step generator at warmup.t_star: the teacher's network, or warmup.generator_weights, fine-tuned as
     params.finetune says (`params` as a stage's params.json holds them)."""
     body = trainable(teacher, params["finetune"], params["warmup"]["generator_weights"])
     return OneStepGenerator(body, t_star=params["warmup"]["t_star"])
 
 
-def new_fake(teacher: Denoiser, params: dict[str, Any]) -> Denoiser:
+def new_fake(teacher: DiffusersDenoiser, params: dict[str, Any]) -> DiffusersDenoiser:
     """The fake score: a trainable copy of the teacher, fine-tuned as params.finetune says."""
     return trainable(teacher, params["finetune"])
 
 
-def load_generator(teacher: Denoiser, run_dir: Path) -> nn.Module:
+def load_generator(teacher: DiffusersDenoiser, run_dir: Path) -> nn.Module:
     """The one-step generator saved by the warmup or align stage (rebuilt from its params, then its weights)."""
     generator = new_generator(teacher, read_run_params(run_dir)["params"])
     load_weights(generator, run_dir / "generator.safetensors")
     return generator.eval()
 
 
-def load_fake(teacher: Denoiser, run_dir: Path) -> Denoiser:
+def load_fake(teacher: DiffusersDenoiser, run_dir: Path) -> DiffusersDenoiser:
     """The fake score saved by the warmup or align stage."""
     fake = new_fake(teacher, read_run_params(run_dir)["params"])
     load_weights(fake, run_dir / "fake.safetensors")

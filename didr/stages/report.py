@@ -103,6 +103,7 @@ def grid_figure(sample_dirs: list[Path], path: Path, columns: int = 12) -> None:
         index = frame if index is None else index
         rows = spread_rows(index["prompt"].tolist(), columns) if rows is None else rows
         images.append(thumbnails(pictures[rows]))
+    assert index is not None and rows is not None  # sample_dirs is never empty (the CLI requires --samples)
     columns = len(rows)
     scale = max(1, 64 // images[0].shape[-1])  # small toy images drawn at 64 px
     grid = image_grid(torch.cat(images), nrow=columns, scale=scale)

@@ -12,15 +12,11 @@ from PIL import Image
 from torch import Tensor
 
 from didr.config import Params
+from didr.evaluation.features import batched
 from didr.evaluation.fidelity import diversity, frechet_distance, kernel_distance
-from didr.evaluation.inception import NAME, load_inception
-from didr.evaluation.reference import load_reference
-from didr.stages.common import load_reward, pick_device, read_run_params
+from didr.stages.common import load_features, load_reward, pick_device, read_run_params
 from didr.stages.io import StageInputError, write_text_atomic
-from didr.toy.data import ATTRIBUTES, parse_prompt, render
 from didr.training.atomic import atomic_dir
-
-FEATURES = "toy_alignment"
 
 
 def load_images(sample_dir: Path) -> tuple[pd.DataFrame, Tensor]:
@@ -31,50 +27,6 @@ def load_images(sample_dir: Path) -> tuple[pd.DataFrame, Tensor]:
     index = pd.read_parquet(path)
     arrays = [np.asarray(Image.open(sample_dir / p).convert("RGB")) for p in index["path"]]
     return index, torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
-
-
-def real_images(prompts: list[str], size: int, seed: int) -> Tensor:
-    """Rendered toy-world images for the prompts: the real data the fidelity metrics compare against."""
-    labels = torch.stack([parse_prompt(p) for p in prompts])
-    return (render(labels, size, torch.Generator().manual_seed(seed)) + 1) / 2
-
-
-def _batched(fn, images: Tensor, prompts: list[str], device: torch.device, batch: int = 256) -> Tensor:
-    with torch.no_grad():
-        return torch.cat(
-            [fn(images[i : i + batch].to(device), prompts[i : i + batch]).cpu() for i in range(0, len(images), batch)]
-        )
-
-
-def prompt_match(scorer, images: Tensor, prompts: list[str], device: torch.device) -> dict[str, np.ndarray]:
-    """Toy world: per image, 1.0 where the attribute classifier reads the prompt's shape / colour / position /
-    background in the image, else 0.0 (columns match_<attribute>; their means are the set's prompt-following
-    accuracies)."""
-    labels = torch.stack([parse_prompt(p) for p in prompts])
-    read = _batched(lambda im, _: torch.stack([lg.argmax(1) for lg in scorer.logits(im)], 1), images, prompts, device)
-    return {f"match_{a}": (read[:, i] == labels[:, i]).double().numpy() for i, a in enumerate(ATTRIBUTES)}
-
-
-def fidelity_features(params: Params, teacher_dir: Path, prompts: list[str], size: int, dev: torch.device):
-    """(features of images [N, 3, H, W] -> [N, D] float64, the real images' features, the extractor's name).
-
-    toy_alignment: the toy classifier's features, real images rendered for the same prompts. inception: FID
-    Inception-v3 pool features, real images from the reference file (`didr reference`)."""
-    inception = params.score.features == "inception"
-    if inception:
-        model = load_inception(Path(params.score.inception), dev)
-        extract, name = model.features, f"{NAME} sha256:{model.weights_sha256[:12]}"
-    else:
-        extract, name = load_reward(FEATURES, teacher_dir, dev).features, FEATURES
-
-    def features(x: Tensor) -> Tensor:
-        return _batched(lambda im, _: extract(im), x, prompts, dev).double()
-
-    if inception:
-        real = load_reference(Path(params.score.reference), model).features.double()
-    else:
-        real = features(real_images(prompts, size, params.seed))
-    return features, real, name
 
 
 def run_score(
@@ -88,13 +40,12 @@ def run_score(
     per_image = index.copy()
     for name in params.rewards.eval:
         reward = load_reward(name, teacher_dir, dev, params.rewards.models.get(name))
-        per_image[name] = _batched(reward, images, prompts, dev).numpy()
-    matches = []
-    if params.score.features == FEATURES:
-        columns = prompt_match(load_reward(FEATURES, teacher_dir, dev), images, prompts, dev)
-        per_image, matches = per_image.assign(**columns), list(columns)
-    features, real, extractor = fidelity_features(params, teacher_dir, prompts, images.shape[-1], dev)
-    ours, teacher = features(images), features(teacher_images)
+        per_image[name] = batched(reward, images, prompts, dev).numpy()
+    fidelity = load_features(params.score, params.seed, teacher_dir, dev)
+    columns = fidelity.prompt_match(images, prompts)
+    per_image, matches = per_image.assign(**columns), list(columns)
+    real = fidelity.real(prompts, images.shape[-1])
+    ours, teacher = fidelity.features(images), fidelity.features(teacher_images)
     kid_real, kid_real_std = kernel_distance(ours, real)
     kid_teacher, _ = kernel_distance(ours, teacher)
     run = read_run_params(sample_dir)
@@ -106,7 +57,7 @@ def run_score(
         "images": len(index),
         **{f"{name}_mean": float(per_image[name].mean()) for name in params.rewards.eval},
         **{name: float(per_image[name].mean()) for name in matches},
-        "features": extractor,
+        "features": fidelity.name,
         "fid_real": frechet_distance(ours, real),
         "kid_real": kid_real,
         "kid_real_std": kid_real_std,

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, cast
 
 import torch
+from torch import Tensor
 
 from didr.backbones.base import Conditioning, Denoiser
 from didr.backbones.loading import load_denoiser, resolve_source
@@ -21,8 +23,11 @@ from didr.training.atomic import atomic_dir
 def encode(teacher: Denoiser, prompts: list[str], batch_size: int = 256) -> Conditioning:
     """Prompt embeddings in batches, concatenated."""
     parts = [teacher.encode_prompts(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
+    # every batch of one teacher has the empty prompt's embeddings when the first one has
     negative = (
-        None if parts[0].negative is None else {k: torch.cat([p.negative[k] for p in parts]) for k in parts[0].negative}
+        None
+        if parts[0].negative is None
+        else {k: torch.cat([cast("dict[str, Tensor]", p.negative)[k] for p in parts]) for k in parts[0].negative}
     )
     return Conditioning(prompts, {k: torch.cat([p.embeds[k] for p in parts]) for k in parts[0].embeds}, negative)
 
@@ -35,8 +40,9 @@ def run_teacher(params: Params, out: Path, progress: bool = True) -> None:
     t = params.teacher
     with atomic_dir(out) as tmp:
         if t.kind == "pretrained":
+            assert t.source is not None  # load_params requires teacher.source for a pretrained teacher
             folder = resolve_source(t.source, t.revision)
-            record = {"model": {"source": t.source, "revision": t.revision, "folder": str(folder)}}
+            record: dict[str, Any] = {"model": {"source": t.source, "revision": t.revision, "folder": str(folder)}}
         else:
             record = {"teacher": _train_embedded(params, tmp, progress)}
             folder = tmp / "pipeline"

@@ -16,6 +16,7 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -137,7 +138,7 @@ class AlignmentScorer(nn.Module):
 
     def __init__(self, size: int = 16, width: int = 32, features: int = 128):
         super().__init__()
-        self.config = {"kind": "alignment", "size": size, "width": width, "features": features}
+        self.config: dict[str, Any] = {"kind": "alignment", "size": size, "width": width, "features": features}
         self.trunk = _Trunk(size, width, features)
         self.heads = nn.ModuleList(nn.Linear(features, n) for n in CLASSES)
 
@@ -162,7 +163,7 @@ class PreferenceModel(nn.Module):
 
     def __init__(self, size: int = 16, width: int = 32, features: int = 128):
         super().__init__()
-        self.config = {"kind": "preference", "size": size, "width": width, "features": features}
+        self.config: dict[str, Any] = {"kind": "preference", "size": size, "width": width, "features": features}
         self.trunk = _Trunk(size, width, features)
         self.embed = nn.Linear(sum(CLASSES), features)
         self.head = nn.Sequential(nn.Linear(3 * features, features), nn.SiLU(), nn.Linear(features, 1))
@@ -243,7 +244,7 @@ def train_alignment(
     for _ in range(steps):
         labels = sample_labels(batch, generator)
         images = _augment((render(labels, size, generator) + 1) / 2, generator)
-        loss = sum(F.cross_entropy(lg, labels[:, i]) for i, lg in enumerate(model.logits(images)))
+        loss = cast(Tensor, sum(F.cross_entropy(lg, labels[:, i]) for i, lg in enumerate(model.logits(images))))
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -372,7 +373,10 @@ def _train_toy_rewards(
 
 def load_toy_reward(name: str, folder: str | Path) -> AlignmentScorer | PreferenceModel:
     """The frozen, eval-mode 'alignment' or 'preference' model from a `train_toy_rewards` folder."""
-    kinds = {"alignment": AlignmentScorer, "preference": PreferenceModel}
+    kinds: dict[str, type[AlignmentScorer | PreferenceModel]] = {
+        "alignment": AlignmentScorer,
+        "preference": PreferenceModel,
+    }
     if name not in kinds:
         raise ValueError(f"unknown toy reward {name!r}; trained ones: {sorted(kinds)}")
     path = Path(folder) / name

@@ -19,12 +19,11 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from diffusers import (
     DDIMScheduler,
-    DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
@@ -40,6 +39,10 @@ from didr.objectives.fake_score import FakeScoreLoss
 from didr.toy.data import make_dataset
 from didr.toy.text import toy_text_encoder, toy_tokenizer
 from didr.training.atomic import atomic_dir
+
+if TYPE_CHECKING:
+    # diffusers' top-level names resolve, for mypy, to its placeholder classes for missing backends (utils.dummy_*)
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
 KINDS = ("vp", "flow")
 TEXT_WIDTH = 32
@@ -126,7 +129,8 @@ def build_toy_pipeline(kind: str, size: int = 16, seed: int = 0) -> DiffusionPip
     check_kind(kind)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _vp_pipeline(size) if kind == "vp" else _flow_pipeline(size)
+        # the real pipelines, typed as placeholders through diffusers' top-level names (see the import)
+        return cast("DiffusionPipeline", _vp_pipeline(size) if kind == "vp" else _flow_pipeline(size))
 
 
 def _prompt_table(prompts: list[str]) -> tuple[list[str], torch.Tensor]:
@@ -139,9 +143,9 @@ def _prompt_table(prompts: list[str]) -> tuple[list[str], torch.Tensor]:
 def _batch_conditioning(table: Conditioning, index: torch.Tensor, drop: torch.Tensor) -> Conditioning:
     """Rows `index` of the encoded prompt table, with the empty prompt's embeddings where `drop` (CFG dropout)."""
     rows = table.select(index)
-    embeds = {
-        k: torch.where(drop.reshape(-1, *[1] * (v.dim() - 1)), rows.negative[k], v) for k, v in rows.embeds.items()
-    }
+    negative = rows.negative
+    assert negative is not None  # an adapter's PromptEncoder always adds the empty prompt's embeddings
+    embeds = {k: torch.where(drop.reshape(-1, *[1] * (v.dim() - 1)), negative[k], v) for k, v in rows.embeds.items()}
     prompts = ["" if d else p for p, d in zip(rows.prompts, drop.tolist(), strict=True)]
     return Conditioning(prompts, embeds, rows.negative)
 

@@ -53,7 +53,8 @@ def toy_tokenizer(window: int = WINDOW) -> CLIPTokenizer:
     merges = word_merges()
     for token in [*letters, *(left + right for left, right in merges)]:
         vocab.setdefault(token, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=window)
+    # transformers annotates merges as list[str], but hands them to tokenizers' BPE, which takes (left, right) pairs
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=window)  # type: ignore[arg-type]
 
 
 def toy_text_encoder(

@@ -1,4 +1,4 @@
-"""The alignment loop: two time-scale updates of the fake score and the one-step generator (ALGORITHM.md section 1).
+"""The alignment loop: two time-scale updates of the fake score and the one-step generator (docs/algorithm.md §2.2).
 
 One function whose hyper-parameters are keyword arguments (the EDM style). Each step first fits the fake score
 `fake_updates` times on fresh detached generator samples, then takes one generator step on the objective, then
@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +46,8 @@ def _draw(
     """A batch of noise z ~ N(0, I) and prompts drawn with replacement from the prompt set."""
     param = next(generator.parameters())
     index = torch.randint(len(prompts), (batch_size,), generator=rng, device=rng.device)
-    z = torch.randn((batch_size, *generator.sample_shape), generator=rng, device=rng.device, dtype=param.dtype)
+    shape = cast("tuple[int, ...]", generator.sample_shape)  # every generator declares its sample shape
+    z = torch.randn((batch_size, *shape), generator=rng, device=rng.device, dtype=param.dtype)
     return z.to(param.device), prompts.select(index)
 
 
@@ -120,11 +121,11 @@ def align(
     device = next(generator.parameters()).device
     rng = torch.Generator(device=device).manual_seed(seed)
     gen_params = [p for p in generator.parameters() if p.requires_grad]
-    gen_opt = torch.optim.AdamW(gen_params, lr=lr, betas=adam_betas, weight_decay=weight_decay)
+    gen_opt: torch.optim.Optimizer = torch.optim.AdamW(gen_params, lr=lr, betas=adam_betas, weight_decay=weight_decay)
     fake_params = [] if fake is None else [p for p in fake.parameters() if p.requires_grad]
     if fake_params and fake_loss is None:
         raise ValueError("the fake score has trainable parameters: pass fake_loss=")
-    fake_opt = None
+    fake_opt: torch.optim.Optimizer | None = None
     if fake_params:
         fake_opt = torch.optim.AdamW(fake_params, lr=fake_lr or lr, betas=adam_betas, weight_decay=weight_decay)
     frozen = {id(p): p for p in generator.parameters() if not p.requires_grad}  # shared, not copied (LoRA bases)
@@ -167,6 +168,7 @@ def align(
             factor = _lr_factor(lr_schedule, step, steps)
             logs: dict[str, float] = {"step": float(step)}
             if fake_opt is not None:
+                assert fake_loss is not None  # fake_opt exists only for trainable fake parameters, which need it
                 for group in fake_opt.param_groups:
                     group["lr"] = (fake_lr or lr) * factor
                 for _ in range(fake_updates):
@@ -194,9 +196,9 @@ def align(
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(gen_params, max_norm)
             gen_opt.step()
-            with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), generator.parameters(), strict=True):
-                    p_ema.lerp_(p, 1 - ema_decay)
+            with torch.no_grad():  # the trained tensors only: the frozen ones (LoRA bases) are shared with the EMA
+                for name, p in trained.items():
+                    ema_tensors[name].lerp_(p, 1 - ema_decay)
             logs.update(gen_logs, loss=loss.item(), grad_norm=norm.item(), step_seconds=time.perf_counter() - began)
             log.append(logs)
             bar.set_postfix(loss=f"{logs['loss']:.4g}", refresh=False)

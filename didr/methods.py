@@ -1,0 +1,177 @@
+"""The alignment methods, each described once: its name, objective, strength axis, schema entry and help text.
+
+Everything that names a method reads `METHODS`: the align stage builds the objective with `build_objective`, the
+grid (didr/grid.py) reads the strength axis, the `didr align` command its names and help, and
+tests/test_methods.py checks that the `grid.methods` entries of workflow/schemas/params.schema.yaml are the ones
+`grid_methods_schema()` gives (Snakemake validates with the YAML file, so the schema is a file, not generated).
+Adding a method is its objective module plus one `Method` here.
+
+This module imports no torch: Snakemake and the launcher read the grid through it; an objective's class is imported
+when it is first built.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from didr.backbones.base import Denoiser
+    from didr.config import AlignParams
+    from didr.diffusion import UniformTime
+    from didr.rewards.base import Reward
+
+
+@dataclass(frozen=True)
+class Strength:
+    """A method's strength: the grid axis (and run-id key) it is swept on, the objective's keyword argument it
+    fills, what it means, and its bound (> 0 when `positive`, else >= 0)."""
+
+    axis: str
+    argument: str
+    description: str
+    positive: bool = False
+
+    def schema(self) -> dict[str, Any]:
+        """The grid axis's JSON schema: a non-empty list of numbers within the bound."""
+        bound = {"exclusiveMinimum": 0} if self.positive else {"minimum": 0}
+        return {"description": self.description, "type": "array", "minItems": 1, "items": {"type": "number", **bound}}
+
+
+@dataclass(frozen=True)
+class ObjectiveInputs:
+    """What a method's objective is built from: the frozen teacher, the fake score, the training reward, the align
+    settings and whether to recompute activations in the backward pass (params.finetune.gradient_checkpointing)."""
+
+    teacher: Denoiser
+    fake: Denoiser
+    reward: Reward
+    align: AlignParams
+    checkpoint: bool = False
+
+    @property
+    def times(self) -> UniformTime:
+        """The noise times the integral KL samples: U[align.t_min, align.t_max_sampling]."""
+        from didr.diffusion import UniformTime
+
+        return UniformTime(self.align.t_min, self.align.t_max_sampling)
+
+    def matching(self) -> dict[str, Any]:
+        """The keyword arguments of a distribution-matching objective: teacher, fake score, times, teacher CFG."""
+        return {
+            "teacher": self.teacher,
+            "fake": self.fake,
+            "time_sampling": self.times,
+            "teacher_guidance": self.align.teacher_guidance,
+        }
+
+
+@dataclass(frozen=True)
+class Method:
+    """One alignment method. `objective` is "module:Class"; `settings` maps the inputs to the class's keyword
+    arguments (the strength aside: `build_objective` passes it as `strength.argument`); `strength` is None for a
+    method without one (its runs have no strength axis)."""
+
+    name: str
+    objective: str
+    help: str
+    settings: Callable[[ObjectiveInputs], dict[str, Any]]
+    strength: Strength | None = None
+
+    @property
+    def axis(self) -> str | None:
+        """The strength's grid axis, or None."""
+        return None if self.strength is None else self.strength.axis
+
+    def objective_class(self) -> type:
+        module, _, name = self.objective.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def schema(self) -> dict[str, Any]:
+        """This method's entry of the schema's grid.methods: the align axes, plus its strength axis (required)."""
+        entry: dict[str, Any] = {"$ref": "#/$defs/align_axes"}
+        if self.strength is not None:
+            entry |= {"properties": {self.strength.axis: self.strength.schema()}, "required": [self.strength.axis]}
+        return entry | {"unevaluatedProperties": False}
+
+
+METHODS: dict[str, Method] = {
+    method.name: method
+    for method in (
+        Method(
+            name="didr",
+            objective="didr.objectives.didr:DIDR",
+            help="integral KL to the reward-tilted teacher p_ref exp(r / beta) (Diff-Instruct with Diffused Reward)",
+            settings=lambda i: {
+                **i.matching(),
+                "reward": i.reward,
+                "drs": i.align.drs,
+                "drs_steps": i.align.drs_steps,
+                "t_max": i.align.drs_t_max,
+                "checkpoint": i.checkpoint,
+            },
+            strength=Strength("beta", "beta", "temperature of the tilt (smaller is stronger)", positive=True),
+        ),
+        Method(
+            name="dipp",
+            objective="didr.objectives.di:DIPlusPlus",
+            help="integral KL to the guided teacher minus alpha times the reward (Diff-Instruct++)",
+            settings=lambda i: {**i.matching(), "reward": i.reward},
+            strength=Strength("alpha", "alpha_rew", "reward weight alpha_rew"),
+        ),
+        Method(
+            name="dmd2",
+            objective="didr.objectives.dmd2:DMD2",
+            help="DMD2's distribution matching minus weight times the reward",
+            settings=lambda i: {**i.matching(), "reward": i.reward},
+            strength=Strength("weight", "reward_weight", "reward weight (0 is reward-free DMD2)"),
+        ),
+        Method(
+            name="di",
+            objective="didr.objectives.di:DI",
+            help="integral KL to the guided teacher, no reward (Diff-Instruct)",
+            settings=ObjectiveInputs.matching,
+        ),
+        Method(
+            name="reward_only",
+            objective="didr.objectives.reward_only:RewardOnly",
+            help="the reward alone, no distribution term (the reward-hacking reference)",
+            settings=lambda i: {"teacher": i.teacher, "reward": i.reward},
+        ),
+    )
+}
+
+
+def get_method(name: str) -> Method:
+    """The registered method `name`; ValueError naming the known ones otherwise."""
+    if name not in METHODS:
+        raise ValueError(f"method: unknown method {name!r}; choose one of {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def build_objective(
+    method: str, strength: float, teacher: Denoiser, fake: Denoiser, reward: Reward, align: AlignParams,
+    checkpoint: bool = False,
+):  # fmt: skip
+    """The objective of `method` at `strength` (beta for didr, alpha_rew for dipp, the reward weight for dmd2;
+    ignored by a method without a strength), with the align settings it reads. `checkpoint` recomputes the proxy's
+    decoder and reward in the backward pass (didr)."""
+    m = get_method(method)
+    kwargs = m.settings(ObjectiveInputs(teacher, fake, reward, align, checkpoint))
+    if m.strength is not None:
+        kwargs[m.strength.argument] = strength
+    return m.objective_class()(**kwargs)
+
+
+def grid_methods_schema() -> dict[str, Any]:
+    """The schema's grid.methods.properties: one entry per method."""
+    return {name: method.schema() for name, method in METHODS.items()}
+
+
+def strength_axes() -> str:
+    """The strength axes in words, as the schema and the command line describe them: beta (didr), alpha (dipp) or
+    weight (dmd2)."""
+    named = [f"{m.strength.axis} ({m.name})" for m in METHODS.values() if m.strength is not None]
+    return ", ".join(named[:-1]) + f" or {named[-1]}" if len(named) > 1 else "".join(named)

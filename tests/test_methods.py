@@ -1,0 +1,123 @@
+"""The method registry (didr/methods.py) is the one place that names a method: the grid, the schema, the command
+line and the align stage's factory all read it, so a new method is its objective plus one registry entry."""
+
+import inspect
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from didr.backbones.gaussian import GaussianDenoiser
+from didr.cli import build_parser
+from didr.config import SCHEMA, AlignParams
+from didr.diffusion import VPSchedule, cosine_vp_config
+from didr.grid import Run, expand_grid, parse_run_id
+from didr.methods import (
+    METHODS,
+    Method,
+    ObjectiveInputs,
+    Strength,
+    build_objective,
+    grid_methods_schema,
+    strength_axes,
+)
+from didr.objectives import DI, DIDR, DMD2, DIPlusPlus, RewardOnly
+from didr.rewards.analytic import QuadraticReward
+
+SCHEDULE = VPSchedule.from_scheduler_config(cosine_vp_config())
+REWARD = QuadraticReward(torch.tensor([1.0, 1.0]), torch.tensor([[2.0, 0.3], [0.3, 0.5]]))
+# per method: its objective class and where the built objective keeps the strength (None: it has none)
+EXPECTED = {
+    "didr": (DIDR, lambda o: o.estimator.beta),
+    "dipp": (DIPlusPlus, lambda o: o.alpha_rew),
+    "dmd2": (DMD2, lambda o: o.reward_weight),
+    "di": (DI, None),
+    "reward_only": (RewardOnly, None),
+}
+
+
+def models():
+    teacher = GaussianDenoiser(torch.tensor([0.5, -0.3]), torch.tensor([[1.0, 0.6], [0.6, 0.52]]), SCHEDULE).frozen()
+    return teacher, teacher.trainable_copy()
+
+
+def align_action(option):
+    commands = next(a for a in build_parser()._actions if a.dest == "command")
+    return next(a for a in commands.choices["align"]._actions if option in a.option_strings)
+
+
+def test_the_schema_grid_and_command_line_name_the_registry_methods():
+    schema = yaml.safe_load(SCHEMA.read_text(encoding="utf-8"))["properties"]["grid"]
+    assert schema["properties"]["methods"]["properties"] == grid_methods_schema()  # names, axes, bounds, help
+    assert f"The strength axis is {strength_axes()};" in " ".join(schema["description"].split())
+    assert align_action("--method").metavar == "{" + ",".join(METHODS) + "}"
+    assert all(f"{name}: {m.help}" in align_action("--method").help for name, m in METHODS.items())
+    assert strength_axes() in align_action("--strength").help
+    assert set(EXPECTED) == set(METHODS)
+
+
+def test_the_grid_reads_each_methods_strength_axis():
+    grid = {"seeds": [0], "methods": {name: ({m.axis: [0.5]} if m.axis else {}) for name, m in METHODS.items()}}
+    runs = expand_grid(grid)
+    assert [run.method for run in runs] == list(METHODS)
+    for run in runs:
+        axis = METHODS[run.method].axis
+        assert run.axes == ([(axis, 0.5)] if axis else [])
+        assert run.strength == (0.5 if axis else 0.0)
+        assert parse_run_id(run.id) == run
+    with pytest.raises(ValueError, match="unknown method 'didrr'"):
+        Run("didrr", 1.0, 0)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_the_factory_builds_each_methods_class_with_its_strength(name):
+    cls, strength_of = EXPECTED[name]
+    teacher, fake = models()
+    a = AlignParams(teacher_guidance=2.5, t_min=0.05, t_max_sampling=0.9, drs="k-step", drs_steps=3, drs_t_max=0.7)
+    objective = build_objective(name, 0.25, teacher, fake, REWARD, a, checkpoint=True)
+    assert type(objective) is cls and METHODS[name].objective_class() is cls
+    assert (strength_of is None) == (METHODS[name].strength is None)
+    if strength_of is not None:
+        assert strength_of(objective) == 0.25
+        assert METHODS[name].strength.argument in inspect.signature(cls).parameters
+    if name != "reward_only":  # the distribution-matching settings come from the align section
+        assert (objective.time_sampling.t_min, objective.time_sampling.t_max) == (0.05, 0.9)
+        guidance = objective.estimator.guidance if name == "didr" else objective.teacher_guidance
+        assert guidance == 2.5 and objective.fake is fake
+    if name == "didr":
+        assert objective.t_max == 0.7 and objective.estimator.mode == "k-step" and objective.estimator.steps == 3
+        assert objective.estimator.checkpoint
+
+
+def test_a_new_method_is_one_registry_entry(monkeypatch):
+    """A hinge-reward DMD2 registered at run time: the grid, the run ids, the command line and the factory take it."""
+    method = Method(
+        name="rtdmd",
+        objective="didr.objectives.dmd2:DMD2",
+        help="DMD2 with a hinged reward",
+        settings=lambda i: {**i.matching(), "reward": i.reward, "reward_hinge": 0.0},
+        strength=Strength("weight", "reward_weight", "reward weight"),
+    )
+    monkeypatch.setitem(METHODS, "rtdmd", method)
+    (run,) = expand_grid({"seeds": [1], "methods": {"rtdmd": {"weight": [2.0], "lr": [0.1]}}})
+    assert run.id == "method=rtdmd/weight=2/lr=0.1/seed=1" and parse_run_id(run.id) == run
+    assert "rtdmd" in align_action("--method").metavar
+    teacher, fake = models()
+    objective = build_objective("rtdmd", 2.0, teacher, fake, REWARD, AlignParams())
+    assert isinstance(objective, DMD2) and objective.reward_weight == 2.0 and objective.reward_hinge == 0.0
+
+
+def test_the_inputs_give_the_matching_arguments():
+    teacher, fake = models()
+    inputs = ObjectiveInputs(teacher, fake, REWARD, AlignParams(teacher_guidance=4.0))
+    matching = inputs.matching()
+    assert set(matching) == {"teacher", "fake", "time_sampling", "teacher_guidance"}
+    assert matching["teacher_guidance"] == 4.0
+
+
+def test_the_registry_and_the_grid_import_no_torch():
+    """Snakemake and the launcher read the grid on every invocation: no torch import for that."""
+    code = "import sys, didr.grid, didr.methods; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
