@@ -3,7 +3,7 @@
 Reference N(mu, Sigma) in 2D (anisotropic), quadratic reward r(x) = -0.5 (x - m)^T Q (x - m), target
 p* ~ p_ref exp(r / beta) = N(m*, Sigma*). An affine one-step generator trains against its exact fake score, so
 every gap to p* is the method's own. DI++ runs at alpha_rew = E_t[s^2 / a^2] / beta, the strength at which its
-terminal reward matches DIDR's proxy as t -> 0 (ALGORITHM.md section 3).
+terminal reward matches DIDR's proxy as t -> 0 (docs/algorithm.md §5.3).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from didr.backbones.gaussian import AffineFakeScore, GaussianDenoiser
+from didr.backbones.gaussian import AffineFakeScore, AffineGenerator, GaussianDenoiser
 from didr.diffusion import FlowSchedule, Schedule, UniformTime, VPSchedule, cosine_vp_config
 from didr.objectives import DIDR, DIPlusPlus
 from didr.rewards.analytic import QuadraticReward
@@ -65,7 +65,7 @@ def run_one(schedule_name: str, method: str, beta: float, t_max: float, steps: i
     strength = 1 / beta
     if method == "dipp":
         strength = matched_alpha_rew(schedule, times, beta)
-        objective = DIPlusPlus(reference, fake, reward, strength, times)
+        objective: DIPlusPlus | DIDR = DIPlusPlus(reference, fake, reward, strength, times)
     else:
         mode = method.removeprefix("didr-")
         drs = reward.exact_drs(reference, beta) if mode == "exact" else mode
@@ -87,6 +87,7 @@ def run_one(schedule_name: str, method: str, beta: float, t_max: float, steps: i
         adam_betas=(0.9, 0.99), grad_clip=None, lr_schedule="cosine", ema_decay=0.9, seed=seed, on_step=record,
     )  # fmt: skip
     seconds = time.perf_counter() - start
+    assert isinstance(result.ema, AffineGenerator)  # the EMA is a copy of the affine generator
     mean, cov = result.ema.law()
     final = trajectory[-1][1]
     settled = [step for step, law in trajectory if (law - final).norm() > 0.02 * final.norm()]

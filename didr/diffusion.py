@@ -1,6 +1,6 @@
 """Noise schedules, parameterisation conversions, time samplers and short deterministic solvers.
 
-Everything here is a pure function of tensors (ALGORITHM.md section 0). Time is continuous, t in [0, 1], for
+Everything here is a pure function of tensors (docs/algorithm.md §1). Time is continuous, t in [0, 1], for
 every schedule; x_t = a_t x0 + s_t eps. A schedule also says which number its network is fed as "timestep".
 """
 
@@ -69,7 +69,7 @@ class VPSchedule(Schedule):
 
         A zero-terminal-SNR config (rescale_betas_zero_snr) keeps its last abar at 2^-24, as diffusers' samplers do.
         """
-        from diffusers import DDPMScheduler
+        from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 
         keys = (
             "num_train_timesteps",
@@ -162,7 +162,7 @@ def x0_from_score(x_t: Tensor, score: Tensor, a: Tensor, s: Tensor) -> Tensor:
 
 
 def x0_shift_from_score_shift(d_score: Tensor, a: Tensor, s: Tensor) -> Tensor:
-    """A score correction dS in x0 units: dx0 = (s^2 / a) dS (ALGORITHM.md section 0)."""
+    """A score correction dS in x0 units: dx0 = (s^2 / a) dS (docs/algorithm.md §1.3)."""
     return s**2 / a * d_score
 
 
@@ -242,7 +242,7 @@ def solve(
     first_x0: Tensor | None = None,
     checkpoint: bool = False,
 ) -> Tensor:
-    """Differentiable K-step deterministic solve from (x_t, t) to a clean x0 (ALGORITHM.md 3.1, D_K).
+    """Differentiable K-step deterministic solve from (x_t, t) to a clean x0 (docs/algorithm.md §1.5, D_K).
 
     The times are t_k = t (1 - k / K); each step is the schedule's own (DDIM for VP, Euler for flow) and the last
     returns the denoiser's x0_hat at t_{K-1}. `first_x0` reuses an x0_hat already computed at (x_t, t);

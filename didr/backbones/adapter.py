@@ -37,6 +37,8 @@ class DiffusersDenoiser(Denoiser):
     Moving the adapter (`.to`, `.cuda`, ...) moves the frozen parts too, shared copies included.
     """
 
+    net: nn.Module
+
     def __init__(
         self,
         net: nn.Module,
@@ -53,8 +55,9 @@ class DiffusersDenoiser(Denoiser):
         self.frozen_parts = FrozenParts(text, vae)
         self.precision = check_precision(precision)
         if sample_shape is None:
-            size = net.config.sample_size
-            sample_shape = (int(net.config.in_channels), *((size, size) if isinstance(size, int) else size))
+            config: Any = net.config  # diffusers' FrozenDict, its keys also attributes
+            size = config.sample_size
+            sample_shape = (int(config.in_channels), *((size, size) if isinstance(size, int) else size))
         self.sample_shape = tuple(sample_shape)
 
     def autocast(self) -> Any:
@@ -74,7 +77,8 @@ class DiffusersDenoiser(Denoiser):
 
     def decode(self, x0: Tensor) -> Tensor:
         """Pixel models: (x0 + 1) / 2. Latent models: (vae.decode(x0 / scaling_factor + shift_factor) + 1) / 2."""
-        vae = self.frozen_parts.vae
+        # A diffusers autoencoder: its decode, dtype and config keys are not on nn.Module.
+        vae: Any = self.frozen_parts.vae
         if vae is None:
             return super().decode(x0)
         latents = x0 / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -58,11 +60,13 @@ class FluxDenoiser(DiffusersDenoiser):
     ):
         if any(n % 2 for n in latent_size):
             raise ValueError(f"FLUX packs 2x2 latent patches: the latent size must be even, got {latent_size}")
-        super().__init__(net, schedule, text, vae, precision, sample_shape=(net.config.in_channels // 4, *latent_size))
+        config: Any = net.config  # diffusers' FrozenDict, its keys also attributes
+        super().__init__(net, schedule, text, vae, precision, sample_shape=(config.in_channels // 4, *latent_size))
 
     @property
     def guidance_distilled(self) -> bool:
-        return bool(self.net.config.guidance_embeds)
+        config: Any = self.net.config  # diffusers' FrozenDict, its keys also attributes
+        return bool(config.guidance_embeds)
 
     def x0_at(self, x_t: Tensor, t: Tensor, embeds: dict[str, Tensor], guidance: float) -> Tensor:
         """x0 = x_t - t v, v the unpacked velocity; `guidance` goes to the embedding when the network has one."""

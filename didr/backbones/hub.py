@@ -36,7 +36,7 @@ def _hub_id(source: str | Path, revision: str | None, what: str) -> str:
     return source
 
 
-def _unavailable(source: str, revision: str, is_offline: bool, err: Exception) -> ModelUnavailableError:
+def _unavailable(source: str, revision: str | None, is_offline: bool, err: Exception) -> ModelUnavailableError:
     state = "offline (HF_HUB_OFFLINE)" if is_offline else "unreachable"
     return ModelUnavailableError(
         f"model {source!r} at revision {revision!r} is not in the local Hugging Face cache and the hub is {state} "
@@ -73,6 +73,13 @@ def resolve_folder(source: str | Path, revision: str | None, patterns: Sequence[
 
     is_offline = offline()
     try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, local_files_only=is_offline))
+        # huggingface_hub annotates allow_patterns as list[str] | str, but iterates any sequence (our tuples too).
+        folder = snapshot_download(
+            repo,
+            revision=revision,
+            allow_patterns=patterns,  # type: ignore[arg-type]
+            local_files_only=is_offline,
+        )
+        return Path(folder)
     except Exception as err:
         raise _unavailable(repo, revision, is_offline, err) from err

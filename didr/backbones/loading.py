@@ -6,7 +6,7 @@ import importlib
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from didr.backbones.adapter import DiffusersDenoiser
 from didr.backbones.flow import SD3FlowDenoiser
@@ -60,7 +60,10 @@ def latent_size(vae: Any) -> tuple[int, int]:
     resolution), rounded as FluxPipeline / ZImagePipeline.prepare_latents do: 2 (pixels // (2 vae_scale_factor))."""
     size = vae.config.sample_size
     scale = vae_scale_factor(vae)
-    return tuple(2 * (int(n) // (2 * scale)) for n in ((size, size) if isinstance(size, int) else size))
+    # sample_size is an int or an (H, W) pair: two entries.
+    return cast(
+        "tuple[int, int]", tuple(2 * (int(n) // (2 * scale)) for n in ((size, size) if isinstance(size, int) else size))
+    )
 
 
 def _unet(pipeline: str, components: Mapping[str, Any], precision: str, config: Mapping[str, Any]) -> DiffusersDenoiser:
@@ -70,6 +73,7 @@ def _unet(pipeline: str, components: Mapping[str, Any], precision: str, config: 
     schedule, prediction_type = _vp_prediction(components)
     net, vae, second = components["unet"], components.get("vae"), components.get("text_encoder_2")
     if net.config.addition_embed_type == "text_time":
+        assert second is not None, f"{pipeline}: a text_time (SDXL) UNet comes with text_encoder_2"
         pooled = int(second.config.projection_dim)
         passed = 6 * int(net.config.addition_time_embed_dim) + pooled
         expected = net.add_embedding.linear_1.in_features

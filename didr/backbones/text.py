@@ -10,13 +10,16 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from didr.backbones.base import Conditioning
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -30,7 +33,7 @@ class TextTower:
     """
 
     tokenizer: Any
-    encoder: nn.Module
+    encoder: PreTrainedModel
     hidden_layer: int | None = None
     max_length: int | None = None
     pooled_only: bool = False
@@ -102,7 +105,8 @@ class PromptEncoder:
     def embed(self, prompts: list[str]) -> dict[str, Tensor]:
         """The embedding dict of a list of prompts (no negative)."""
         outs = [(tower, *tower.encode(prompts, self.mask)) for tower in self.towers]
-        hidden = [o for o in outs if o[1] is not None]
+        # The towers that give hidden states (not pooled_only): their o[1] is a Tensor.
+        hidden = cast("list[tuple[TextTower, Tensor, Tensor | None, Tensor]]", [o for o in outs if o[1] is not None])
         clip = [o for o in hidden if o[0].is_clip]
         blocks = [(torch.cat([o[1] for o in clip], dim=-1), clip[0][3])] if clip else []
         blocks += [(o[1], o[3]) for o in hidden if not o[0].is_clip]

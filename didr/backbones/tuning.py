@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from diffusers.loaders.peft import PeftAdapterMixin
+    from diffusers.models.modeling_utils import ModelMixin
+
+    from didr.backbones.adapter import FrozenParts
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -16,6 +22,12 @@ class HasNetwork(Protocol):
     """An adapter exposing its denoising network as `.net` (a diffusers ModelMixin)."""
 
     net: nn.Module
+
+
+class HasFrozenParts(HasNetwork, Protocol):
+    """A diffusers adapter: its network, and the frozen text towers and VAE it keeps outside its module tree."""
+
+    frozen_parts: FrozenParts
 
 
 def check_precision(precision: str) -> str:
@@ -50,9 +62,14 @@ def add_lora(
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     net = denoiser.net
     net.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=list(target_modules))
+    # peft annotates lora_alpha as an int, but only divides by it (scaling = lora_alpha / r): a float alpha works.
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank if alpha is None else alpha,  # type: ignore[arg-type]
+        target_modules=list(target_modules),
+    )
     if hasattr(net, "add_adapter"):
-        net.add_adapter(config)
+        cast("PeftAdapterMixin", net).add_adapter(config)
     else:  # diffusers networks without PeftAdapterMixin (PixArt)
         inject_adapter_in_model(config, net)
     lora = [p for name, p in net.named_parameters() if "lora_" in name]
@@ -63,14 +80,14 @@ def add_lora(
 
 def enable_gradient_checkpointing(denoiser: HasNetwork) -> None:
     """Recompute the network's block activations in the backward pass (diffusers' own checkpointing)."""
-    denoiser.net.enable_gradient_checkpointing()
+    cast("ModelMixin", denoiser.net).enable_gradient_checkpointing()
 
 
-def checkpoint_frozen_parts(denoiser: HasNetwork) -> None:
+def checkpoint_frozen_parts(denoiser: HasFrozenParts) -> None:
     """Recompute the frozen teacher's network and VAE decoder activations in the backward pass: the memory of a
     reward gradient taken through them (DIDR's proxy, DI++'s reward at the decoded sample) at the cost of a second
     forward."""
-    denoiser.net.enable_gradient_checkpointing()
+    cast("ModelMixin", denoiser.net).enable_gradient_checkpointing()
     vae = denoiser.frozen_parts.vae
     if vae is not None:
-        vae.enable_gradient_checkpointing()
+        cast("ModelMixin", vae).enable_gradient_checkpointing()

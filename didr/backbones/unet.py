@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -44,7 +46,8 @@ class UNetDenoiser(DiffusersDenoiser):
     def predict_x0(self, x_t: Tensor, t: Tensor, embeds: dict[str, Tensor]) -> Tensor:
         """eps: x0 = (x_t - s eps) / a; v: x0 = a x_t - s v."""
         added = None
-        if self.net.config.addition_embed_type == "text_time":
+        config: Any = self.net.config  # diffusers' FrozenDict, its keys also attributes
+        if config.addition_embed_type == "text_time":
             added = {"text_embeds": embeds["pooled"], "time_ids": self.time_ids(x_t)}
         out = self.native(
             x_t,

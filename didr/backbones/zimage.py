@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -32,10 +34,11 @@ class ZImageDenoiser(DiffusersDenoiser):
         precision: str = "fp32",
         latent_size: tuple[int, int] = (128, 128),
     ):
-        patch = net.config.all_patch_size[0]
+        config: Any = net.config  # diffusers' FrozenDict, its keys also attributes
+        patch = config.all_patch_size[0]
         if any(n % patch for n in latent_size):
             raise ValueError(f"Z-Image patches the latents {patch}x{patch}: latent size {latent_size} does not divide")
-        super().__init__(net, schedule, text, vae, precision, sample_shape=(net.config.in_channels, *latent_size))
+        super().__init__(net, schedule, text, vae, precision, sample_shape=(config.in_channels, *latent_size))
 
     def predict_x0(self, x_t: Tensor, t: Tensor, embeds: dict[str, Tensor]) -> Tensor:
         """u = net([x_t], 1 - t, captions); v = -u; x0 = x_t - t v."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,9 @@ from torch import Tensor, nn
 from didr.backbones.hub import resolve_folder
 from didr.rewards.preprocess import clip_pixels
 
+if TYPE_CHECKING:
+    from transformers import CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
 MODEL_FILES = ["*.json", "*.txt", "*.safetensors"]
 TOKENIZER_FILES = ["*.json", "*.txt"]
 
@@ -25,11 +29,16 @@ TOKENIZER_FILES = ["*.json", "*.txt"]
 class CLIPEmbedder(nn.Module):
     """Unit-norm CLIP embeddings of images [B, 3, H, W] in [0, 1] and of prompts, differentiable in the images."""
 
-    def __init__(self, model: nn.Module, tokenizer=None):
+    model: CLIPModel
+    size: int
+
+    def __init__(self, model: CLIPModel, tokenizer=None):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        self.size = model.config.vision_config.image_size
+        # CLIPConfig annotates its sub-configs as the dict / None its constructor takes; __post_init__ makes them
+        # configs. A CLIP tower's image_size is an int (square inputs).
+        self.size = cast(int, cast("CLIPVisionConfig", model.config.vision_config).image_size)
 
     def image(self, images: Tensor) -> Tensor:
         pixels = clip_pixels(images, self.size).to(self.model.dtype)
@@ -37,7 +46,7 @@ class CLIPEmbedder(nn.Module):
         return F.normalize(self.model.visual_projection(pooled), dim=-1)
 
     def text(self, prompts: Sequence[str], device: torch.device) -> Tensor:
-        window = self.model.config.text_config.max_position_embeddings
+        window = cast("CLIPTextConfig", self.model.config.text_config).max_position_embeddings
         tokens = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=window, return_tensors="pt")
         pooled = self.model.text_model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).pooler_output
         return F.normalize(self.model.text_projection(pooled), dim=-1)

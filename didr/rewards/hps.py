@@ -16,6 +16,7 @@ import shutil
 from collections.abc import Sequence
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,11 +31,18 @@ ARCHITECTURE = "ViT-H-14"
 VOCABULARY = "bpe_simple_vocab_16e6.txt.gz"
 
 
+def _package_folder(name: str) -> Path:
+    """The folder of installed package `name`, found without importing it."""
+    spec = find_spec(name)
+    assert spec is not None and spec.origin is not None, f"{name} is not installed (make setup installs it)"
+    return Path(spec.origin).parent
+
+
 def install_vocabulary() -> Path:
     """Copy openai-clip's BPE vocabulary into hpsv2's open_clip folder (once); its path there."""
-    target = Path(find_spec("hpsv2").origin).parent / "src" / "open_clip" / VOCABULARY
+    target = _package_folder("hpsv2") / "src" / "open_clip" / VOCABULARY
     if not target.is_file():
-        shutil.copyfile(Path(find_spec("clip").origin).parent / VOCABULARY, target)
+        shutil.copyfile(_package_folder("clip") / VOCABULARY, target)
     return target
 
 
@@ -53,11 +61,14 @@ def _open_clip():
 class HPSv2Reward(nn.Module):
     """r(x, p) = cos(f_I(normalise(resize_longest_pad(x))), f_T(tokens(p))), frozen, [B]."""
 
+    model: Any  # hpsv2's open_clip CLIP: the package is untyped
+    size: int
+
     def __init__(self, model: nn.Module, tokenizer):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        self.size = model.visual.image_size[0]
+        self.size = self.model.visual.image_size[0]
 
     def forward(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         pixels = normalize(resize_longest_pad(images, self.size))

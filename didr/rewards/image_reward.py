@@ -23,6 +23,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -124,10 +125,13 @@ def _construction(tokenizer_folder: Path, vision: VisionGeometry | None) -> Iter
 class ImageRewardScore(nn.Module):
     """r(x, p) = ImageReward.score_gard(BERT tokens of p, clip_pixels(x)), frozen, [B]."""
 
+    model: Any  # ImageReward.ImageReward: the package is untyped
+    size: int
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
-        self.size = model.blip.visual_encoder.patch_embed.img_size[0]
+        self.size = self.model.blip.visual_encoder.patch_embed.img_size[0]
 
     def forward(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         text = self.model.blip.tokenizer(

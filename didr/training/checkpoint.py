@@ -13,7 +13,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import safe_open
@@ -30,7 +30,7 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: a CLI exits with it on Preempted, so a 
 class Preempted(Exception):
     """The run stopped on a signal after `step` steps, checkpointed at `checkpoint`."""
 
-    def __init__(self, step: int, checkpoint: Path, signal_name: str):
+    def __init__(self, step: int, checkpoint: Path | None, signal_name: str):
         super().__init__(f"preempted by {signal_name} after {step} steps; resume from checkpoint {checkpoint}")
         self.step, self.checkpoint, self.signal_name = step, checkpoint, signal_name
 
@@ -58,7 +58,7 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     """The checkpoints in `folder`, oldest first (none if the folder does not exist)."""
     folder = Path(folder)
     found = [p for p in folder.iterdir() if NAME.fullmatch(p.name)] if folder.is_dir() else []
-    return sorted(found, key=lambda p: int(NAME.fullmatch(p.name)[1]))
+    return sorted(found, key=lambda p: int(cast("re.Match[str]", NAME.fullmatch(p.name))[1]))  # all match NAME
 
 
 def save_checkpoint(folder: str | Path, step: int, state: TrainingState, keep: int) -> Path:
