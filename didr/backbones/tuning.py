@@ -13,7 +13,6 @@ if TYPE_CHECKING:
     from diffusers.loaders.peft import PeftAdapterMixin
     from diffusers.models.modeling_utils import ModelMixin
 
-    from didr.backbones.adapter import FrozenParts
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -24,10 +23,18 @@ class HasNetwork(Protocol):
     net: nn.Module
 
 
+class HasVae(Protocol):
+    """The frozen parts an adapter keeps outside its module tree (didr.backbones.adapter.FrozenParts): its VAE."""
+
+    @property
+    def vae(self) -> nn.Module | None: ...
+
+
 class HasFrozenParts(HasNetwork, Protocol):
     """A diffusers adapter: its network, and the frozen text towers and VAE it keeps outside its module tree."""
 
-    frozen_parts: FrozenParts
+    @property
+    def frozen_parts(self) -> HasVae: ...
 
 
 def check_precision(precision: str) -> str:
