@@ -206,8 +206,9 @@ def align(
             if on_step is not None:
                 on_step(step, logs)
             done = step + 1
-            if done % checkpoint_every == 0 or done == steps or stop.signal_name:
+            signal_name = stop.signal_name  # read once: a signal arriving after this is handled after the next step
+            if done % checkpoint_every == 0 or done == steps or signal_name:
                 last = save(done)
-            if stop.signal_name:
-                raise Preempted(done, last, stop.signal_name)
+            if signal_name:
+                raise Preempted(done, last, signal_name)
     return result
