@@ -7,7 +7,7 @@ from signed distances, with a little seeded jitter in size, place and tint. Prom
 Why the shapes are large (radius 0.38-0.42 of the side, centres 0.14 of the side apart): the toy teacher learns the
 shape word last, because the conditional means of the shapes differ in few pixels. With radius 0.2-0.25 its 25-step
 samples matched their prompt's shape in 33% of draws (chance 25%) after the default training; at this size 84%
-(59-85% over three training seeds; README, "The embedded world").
+(59-85% over three training seeds; docs/embedded_world.md).
 """
 
 from __future__ import annotations
