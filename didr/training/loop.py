@@ -40,7 +40,7 @@ class AlignmentResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def _draw(
+def draw_batch(
     generator: nn.Module, prompts: Conditioning, batch_size: int, rng: torch.Generator
 ) -> tuple[Tensor, Conditioning]:
     """A batch of noise z ~ N(0, I) and prompts drawn with replacement from the prompt set."""
@@ -172,7 +172,7 @@ def align(
                 for group in fake_opt.param_groups:
                     group["lr"] = (fake_lr or lr) * factor
                 for _ in range(fake_updates):
-                    z, cond = _draw(generator, prompts, batch_size, rng)
+                    z, cond = draw_batch(generator, prompts, batch_size, rng)
                     with torch.no_grad():
                         x0 = generator(z, cond)
                     loss, fake_logs = fake_loss(x0, cond, rng)
@@ -184,7 +184,7 @@ def align(
 
             for group in gen_opt.param_groups:
                 group["lr"] = lr * factor
-            z, cond = _draw(generator, prompts, batch_size, rng)
+            z, cond = draw_batch(generator, prompts, batch_size, rng)
             loss, gen_logs = objective(generator(z, cond), cond, rng)
             loss = loss.mean()
             if not torch.isfinite(loss):

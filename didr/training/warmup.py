@@ -6,14 +6,13 @@ prompts and noise, samples the generator without gradients and takes one AdamW s
 
 from __future__ import annotations
 
-from typing import cast
-
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from didr.backbones.base import Conditioning, Denoiser
 from didr.objectives.fake_score import FakeScoreLoss
+from didr.training.loop import draw_batch
 
 
 def warm_up_fake(
@@ -32,15 +31,12 @@ def warm_up_fake(
     """Fit `fake` (its trainable parameters) to `generator`'s samples for `steps` steps of `batch_size` prompts drawn
     with replacement from `prompts`; `fake_loss` defaults to FakeScoreLoss(fake). Returns every step's loss."""
     device = next(generator.parameters()).device
-    shape = cast("tuple[int, ...]", generator.sample_shape)  # every generator module has its sample shape
     fake_loss = fake_loss or FakeScoreLoss(fake)
     optimiser = torch.optim.AdamW([p for p in fake.parameters() if p.requires_grad], lr=lr, betas=adam_betas)
     rng = torch.Generator(device=device).manual_seed(seed)
     losses = []
     for _ in tqdm(range(steps), desc="warmup", disable=not progress):
-        index = torch.randint(len(prompts), (batch_size,), generator=rng, device=device)
-        cond = prompts.select(index)
-        z = torch.randn((batch_size, *shape), generator=rng, device=device)
+        z, cond = draw_batch(generator, prompts, batch_size, rng)  # as the alignment loop draws
         with torch.no_grad():
             x0 = generator(z, cond)
         loss, logs = fake_loss(x0, cond, rng)
