@@ -4,6 +4,7 @@ Run as a script (`python tests/test_checkpoint_resume.py FOLDER`), this file is 
 test_sigterm_checkpoints_and_exits_75: the Gaussian run below, mapping Preempted to exit code 75 as a CLI does.
 """
 
+import json
 import os
 import re
 import shutil
@@ -19,12 +20,23 @@ import torch
 from safetensors import safe_open
 
 from didr.backbones.gaussian import GaussianDenoiser
-from didr.backbones.loading import load_denoiser
 from didr.diffusion import UniformTime, VPSchedule, cosine_vp_config
 from didr.generator import OneStepGenerator
 from didr.objectives import DI, DIDR, FakeScoreLoss
 from didr.rewards.analytic import QuadraticReward
-from didr.training.checkpoint import PREEMPTED_EXIT_CODE, CheckpointError, Preempted
+from didr.training.checkpoint import (
+    PREEMPTED_EXIT_CODE,
+    CheckpointError,
+    DamagedCheckpointError,
+    Preempted,
+    TrainingState,
+    check_finite,
+    checkpoint_path,
+    checksum,
+    load_checkpoint,
+    load_latest_checkpoint,
+    save_checkpoint,
+)
 from didr.training.loop import align
 
 SCHEDULE = VPSchedule.from_scheduler_config(cosine_vp_config())
@@ -234,6 +246,8 @@ def brightness(images, prompts):
 def test_resume_through_a_diffusers_unet_is_bit_identical(tmp_path):
     from tiny_models import save_sd  # here, so that the preemptible child process does not import diffusers
 
+    from didr.backbones.loading import load_denoiser
+
     save_sd(tmp_path / "sd")
     teacher = load_denoiser(tmp_path / "sd").frozen()
 
@@ -251,6 +265,134 @@ def test_resume_through_a_diffusers_unet_is_bit_identical(tmp_path):
         run(tmp_path / "parts", on_step=signal_at(0))
     resumed = run(tmp_path / "parts", resume=True)
     assert_same_runs(tmp_path / "whole", whole, tmp_path / "parts", resumed, steps=2)
+
+
+def small_state(seed, identity=None):
+    """A TrainingState of a 3x2 linear layer after one AdamW step: weights, EMA, optimiser moments, both RNGs."""
+    torch.manual_seed(seed)
+    net = torch.nn.Linear(2, 3)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=0.1)
+    net(torch.randn(4, 2)).square().mean().backward()
+    optimizer.step()
+    ema = {n: p.detach().clone() for n, p in net.named_parameters()}
+    tensors = {"generator": dict(net.named_parameters()), "ema": ema}
+    rng = torch.Generator().manual_seed(seed)
+    return TrainingState(tensors, {"gen_opt": optimizer}, rng, identity or {"method": "DIDR", "params": {"b": 1}})
+
+
+def flip(path, key, offset=0, count=1, bits=0x01):
+    """XOR `bits` into `count` bytes of tensor `key`'s data in a safetensors file, `offset` bytes into it."""
+    data = bytearray(path.read_bytes())
+    size = int.from_bytes(data[:8], "little")
+    begin = 8 + size + json.loads(data[8 : 8 + size])[key]["data_offsets"][0] + offset
+    for i in range(begin, begin + count):
+        data[i] ^= bits
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def two_checkpoints(tmp_path):
+    """Checkpoints of step 1 (seed 1's state) and step 2 (seed 2's), as a run writes them."""
+    save_checkpoint(tmp_path, 1, small_state(1), keep=2)
+    save_checkpoint(tmp_path, 2, small_state(2), keep=2)
+    return tmp_path
+
+
+def weights(state):
+    return {f"{part}/{n}": t.detach().clone() for part, ts in state.tensors.items() for n, t in ts.items()}
+
+
+def test_checkpoints_carry_a_checksum_of_metadata_and_tensors(two_checkpoints):
+    path = checkpoint_path(two_checkpoints, 2)
+    with safe_open(path, "pt") as f:
+        metadata, flat = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    assert metadata["sha256"] == checksum(flat, metadata) and len(metadata["sha256"]) == 64
+    flat["generator/bias"] = flat["generator/bias"] + 2.0**-20  # one ulp-sized change: another checksum
+    assert checksum(flat, metadata) != metadata["sha256"]
+    assert checksum(flat, metadata | {"step": "3"}) != checksum(flat, metadata)
+    state = small_state(9)
+    assert load_checkpoint(path, state) == 2
+    assert all(torch.equal(t, weights(small_state(2))[k]) for k, t in weights(state).items())
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda path: flip(path, "generator/weight", offset=5, bits=0x10), "fails its checksum"),  # one bit
+        (lambda path: flip(path, "gen_opt/0/exp_avg", count=16, bits=0xFF), "fails its checksum"),  # 16 bytes
+        (truncate, "unreadable"),
+    ],
+    ids=["bit-in-weights", "bytes-in-optimiser", "truncated"],
+)
+def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one_with_a_warning(two_checkpoints, damage, reason):
+    newest = checkpoint_path(two_checkpoints, 2)
+    damage(newest)
+    state = small_state(9)
+    before = weights(state)
+    with pytest.raises(DamagedCheckpointError, match=reason):
+        load_checkpoint(newest, state)
+    assert all(torch.equal(t, before[k]) for k, t in weights(state).items())  # nothing loaded from a damaged file
+    with pytest.warns(RuntimeWarning, match=rf"skipping checkpoint {re.escape(str(newest))} .*{reason}") as caught:
+        step, path = load_latest_checkpoint(two_checkpoints, state)
+    assert (step, path) == (1, checkpoint_path(two_checkpoints, 1)) and len(caught) == 1
+    assert all(torch.equal(t, weights(small_state(1))[k]) for k, t in weights(state).items())
+    assert torch.equal(state.rng.get_state(), torch.Generator().manual_seed(1).get_state())
+
+
+def test_no_intact_checkpoint_is_one_line_and_a_foreign_one_is_never_skipped(two_checkpoints, tmp_path_factory):
+    for step in (1, 2):
+        truncate(checkpoint_path(two_checkpoints, step))
+    with pytest.warns(RuntimeWarning), pytest.raises(DamagedCheckpointError) as error:
+        load_latest_checkpoint(two_checkpoints, small_state(9))
+    message = str(error.value)
+    assert "no intact checkpoint" in message and "step-000001" in message and "\n" not in message
+    other = tmp_path_factory.mktemp("other")
+    save_checkpoint(other, 1, small_state(1, {"method": "DI", "params": {"b": 1}}), keep=2)
+    with pytest.raises(CheckpointError, match="method differs"):
+        load_latest_checkpoint(other, small_state(9))
+    assert load_latest_checkpoint(tmp_path_factory.mktemp("empty"), small_state(9)) == (0, None)
+
+
+def test_a_checkpoint_with_non_finite_values_is_damaged(tmp_path):
+    state = small_state(1)
+    with torch.no_grad():
+        state.tensors["ema"]["bias"][1] = float("inf")  # written by a run that had already diverged
+    save_checkpoint(tmp_path, 1, state, keep=2)
+    with pytest.raises(DamagedCheckpointError, match="non-finite values in ema/bias"):
+        load_checkpoint(checkpoint_path(tmp_path, 1), small_state(9))
+
+
+def test_check_finite_names_the_culprit_the_step_and_the_last_verified_checkpoint(tmp_path):
+    params = {"generator/weight": torch.ones(2, 2), "fake/bias": torch.zeros(3)}
+    last = tmp_path / "step-000004.safetensors"
+    check_finite(5, torch.tensor(0.5), torch.tensor(3.0), params, last)  # all finite: nothing raised
+    cases = [
+        (torch.tensor(float("nan")), 3.0, params, "non-finite generator loss at step 5"),
+        (torch.tensor(0.5), float("inf"), params, "non-finite gradient norm at step 5"),
+        (0.5, 3.0, params | {"fake/bias": torch.tensor([0.0, float("-inf"), 0.0])}, "parameter fake/bias at step 5"),
+    ]
+    for loss, norm, tensors, message in cases:
+        with pytest.raises(FloatingPointError, match=re.escape(f"{message}; last good checkpoint: {last}")):
+            check_finite(5, loss, norm, tensors, last)
+    with pytest.raises(FloatingPointError, match=r"last good checkpoint: none$"):
+        check_finite(0, float("nan"), 1.0, {}, None)
+
+
+def test_saving_removes_what_a_killed_writer_left(two_checkpoints):
+    stale = two_checkpoints / ".step-000005.safetensors.tmp"  # killed writing step 5; the rerun saves step 3
+    stale.write_bytes(b"half a checkpoint")
+    save_checkpoint(two_checkpoints, 3, small_state(3), keep=2)
+    assert sorted(p.name for p in two_checkpoints.iterdir()) == ["step-000002.safetensors", "step-000003.safetensors"]
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_checkpoints_are_as_readable_as_the_umask_allows(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        path = save_checkpoint(tmp_path, 1, small_state(1), keep=1)
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == mode
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """params.yaml checking, stage I/O (atomic folders, prompt files, embedding shards, weights) and Pareto fronts."""
 
+import os
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from didr.backbones.base import Conditioning
@@ -92,6 +95,18 @@ def test_prompt_files_fail_clearly(tmp_path):
     latin.write_bytes("a caf\xe9\n".encode("latin-1"))
     with pytest.raises(StageInputError, match=f"{latin}: not UTF-8"):
         read_prompts(latin)
+    with pytest.raises(StageInputError, match=f"{tmp_path}: is a folder"):
+        read_prompts(tmp_path)
+
+
+@pytest.mark.parametrize("byte", ["\x00", "\x1b", "\x0c", "\x7f", "\x85"])
+def test_prompts_with_control_bytes_are_rejected_naming_file_and_line(tmp_path, byte):
+    path = tmp_path / "prompts.txt"
+    path.write_text(f"a red circle\tat the top on white\nfine\nbad{byte}prompt\n", encoding="utf-8")
+    with pytest.raises(StageInputError, match=rf"{path}: line 3 holds the control character {re.escape(repr(byte))}"):
+        read_prompts(path)
+    path.write_text("a red circle\tat the top\r\nsome words no model knows: zqxj\n", encoding="utf-8")
+    assert read_prompts(path) == ["a red circle\tat the top", "some words no model knows: zqxj"]  # tab, CRLF: fine
 
 
 def test_atomic_dir_leaves_nothing_behind_on_error_and_replaces_on_success(tmp_path):
@@ -105,6 +120,39 @@ def test_atomic_dir_leaves_nothing_behind_on_error_and_replaces_on_success(tmp_p
             (tmp / "done.txt").write_text(text)
     assert (out / "done.txt").read_text() == "second"
     assert [p.name for p in tmp_path.iterdir()] == ["stage"]
+
+
+def test_atomic_dir_never_replaces_a_file_and_cleans_what_a_killed_writer_left(tmp_path):
+    user_file = tmp_path / "f.txt"
+    user_file.write_text("mine")
+    with pytest.raises(ValueError, match=f"--out {user_file}: exists and is not a folder"), atomic_dir(user_file):
+        raise AssertionError("the block must not run")
+    assert user_file.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
+    out = tmp_path / "stage"
+    stale = [tmp_path / ".stage.k1l2.tmp", tmp_path / ".stage.old", tmp_path / ".stage.x9.tmp"]
+    for folder in stale:
+        (folder / "sub").mkdir(parents=True)
+    other = tmp_path / ".stages.a.tmp"  # another output's temporary: kept
+    other.mkdir()
+    with atomic_dir(out) as tmp:
+        (tmp / "done.txt").write_text("done")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".stages.a.tmp", "f.txt", "stage"]
+
+
+@pytest.mark.parametrize(("umask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o007, 0o660, 0o770)])
+def test_stage_outputs_are_as_readable_as_the_umask_allows(tmp_path, umask, file_mode, dir_mode):
+    previous = os.umask(umask)
+    try:
+        with atomic_dir(tmp_path / "stage") as tmp:
+            save_file({"w": torch.ones(2)}, tmp / "raw.safetensors")  # safetensors itself writes 0o600
+            save_embeddings(Conditioning(["a"], {"h": torch.ones(1, 2)}, None), tmp / "embeddings", "train")
+        save_weights(nn.Linear(2, 2), tmp_path / "w.safetensors")
+    finally:
+        os.umask(previous)
+    out = tmp_path / "stage"
+    assert out.stat().st_mode & 0o777 == dir_mode and (out / "embeddings").stat().st_mode & 0o777 == dir_mode
+    for path in [out / "raw.safetensors", out / "embeddings" / "train-00000.safetensors", tmp_path / "w.safetensors"]:
+        assert path.stat().st_mode & 0o777 == file_mode, path
 
 
 def test_embedding_shards_round_trip(tmp_path):
@@ -123,6 +171,9 @@ def test_embedding_shards_round_trip(tmp_path):
         assert torch.equal(back.negative[key], cond.negative[key])
     with pytest.raises(StageInputError, match="no 'eval' embedding shards"):
         load_embeddings(tmp_path, "eval")
+    paths[1].write_bytes(paths[1].read_bytes()[:-7])
+    with pytest.raises(StageInputError, match=f"{paths[1]}: not a readable embedding shard"):
+        load_embeddings(tmp_path, "train")
 
 
 def test_weights_of_another_shape_or_model_fail_naming_the_file(tmp_path):

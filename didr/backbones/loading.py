@@ -18,6 +18,7 @@ from didr.backbones.unet import UNetDenoiser
 from didr.backbones.zimage import ZImageDenoiser
 from didr.diffusion import FlowSchedule, VPSchedule
 
+LIBRARIES = ("diffusers", "transformers")  # model_index.json may name no other module: loading one runs its code
 TOWERS = ("", "_2", "_3")
 TEXT = tuple(f"{kind}{suffix}" for suffix in TOWERS for kind in ("tokenizer", "text_encoder"))
 COMPONENTS = ("unet", "transformer", "scheduler", "vae", *TEXT)
@@ -186,10 +187,45 @@ def resolve_source(source: str | Path, revision: str | None) -> Path:
     return resolve_folder(source, revision)
 
 
-def load_component(folder: Path, name: str, spec: list[str]) -> Any:
-    """One component through its own class's from_pretrained(folder, subfolder=name)."""
+class PipelineFolderError(ValueError):
+    """A pipeline folder's model_index.json or a component of it that cannot be used; the message names the file."""
+
+
+def read_model_index(folder: Path) -> dict[str, Any]:
+    """model_index.json of a pipeline folder; PipelineFolderError naming it if it is not a JSON object."""
+    index_file = folder / "model_index.json"
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise PipelineFolderError(f"{index_file}: not valid JSON ({error})") from None
+    if not isinstance(index, dict):
+        raise PipelineFolderError(f"{index_file}: expected a JSON object")
+    return index
+
+
+def component_class(index_file: Path, name: str, spec: Any) -> Any:
+    """The class of component `name` ([library, class] in model_index.json), imported only from LIBRARIES;
+    PipelineFolderError naming the file and the key otherwise."""
+    if not (isinstance(spec, list) and len(spec) == 2 and all(isinstance(part, str) for part in spec)):
+        raise PipelineFolderError(f"{index_file}: {name}: expected [library, class], got {spec!r}")
     library, class_name = spec
-    return getattr(importlib.import_module(library), class_name).from_pretrained(folder, subfolder=name)
+    if library not in LIBRARIES:
+        raise PipelineFolderError(f"{index_file}: {name}: library {library!r} is not allowed (one of {LIBRARIES})")
+    found = getattr(importlib.import_module(library), class_name, None)
+    if not isinstance(found, type) or not hasattr(found, "from_pretrained"):
+        raise PipelineFolderError(f"{index_file}: {name}: {library} has no loadable class {class_name!r}")
+    return found
+
+
+def load_component(folder: Path, name: str, spec: list[str]) -> Any:
+    """One component through its own class's from_pretrained(folder, subfolder=name); PipelineFolderError naming the
+    component's folder if its files are missing, truncated or corrupt."""
+    cls = component_class(folder / "model_index.json", name, spec)
+    try:
+        return cls.from_pretrained(folder, subfolder=name)
+    except Exception as error:  # each library raises its own types (OSError, SafetensorError, ValueError, ...)
+        reason = " ".join(str(error).split())[:300]
+        raise PipelineFolderError(f"{folder / name}: cannot load {spec[0]}.{spec[1]} ({reason})") from None
 
 
 def load_denoiser(
@@ -198,11 +234,11 @@ def load_denoiser(
     """The Denoiser of a diffusers pipeline: local folder with model_index.json, or hub id at a pinned revision."""
     folder = resolve_source(source, revision)
     index_file = folder / "model_index.json"
-    index = json.loads(index_file.read_text())
+    index = read_model_index(folder)
     build = adapter_for(network_class(index), str(index_file))
     components = {
         key: load_component(folder, key, index[key])
         for key in COMPONENTS
         if isinstance(index.get(key), list) and index[key][0] is not None
     }
-    return build(index["_class_name"], components, precision, index).to(device)
+    return build(str(index.get("_class_name")), components, precision, index).to(device)

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
 from torch import Tensor, nn
 
 from didr.backbones.base import Conditioning
-from didr.training.atomic import write_atomically
+from didr.training.atomic import save_tensors, write_atomically
 
 
 class StageInputError(ValueError):
@@ -34,7 +35,7 @@ def trained_state(module: nn.Module) -> dict[str, Tensor]:
 def save_weights(module: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
     """A module's trained state (`trained_state`) as safetensors, written atomically."""
     state = {k: v.detach().contiguous().cpu() for k, v in trained_state(module).items()}
-    write_atomically(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    save_tensors(state, path, metadata)
 
 
 def load_weights(module: nn.Module, path: Path) -> None:
@@ -60,14 +61,23 @@ def check_state(path: Path, state: dict[str, Tensor], own: dict[str, Tensor]) ->
 
 
 def read_prompts(path: Path) -> list[str]:
-    """Non-empty lines of a UTF-8 prompt file; StageInputError naming the file if missing, not UTF-8 or empty."""
+    """Non-empty lines of a UTF-8 prompt file; StageInputError naming the file if missing, not a file, not UTF-8,
+    empty, or holding a control character (a NUL, escape or other control byte but a tab: a damaged file).
+    Any word is accepted: real text encoders tokenize any text, and so does the toy world's."""
     try:
         text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise StageInputError(f"{path}: prompt file not found") from None
+    except IsADirectoryError:
+        raise StageInputError(f"{path}: is a folder, not a prompt file") from None
     except UnicodeDecodeError as error:
         raise StageInputError(f"{path}: not UTF-8 (byte {error.start})") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = text.split("\n")  # not splitlines(): it would split at a form feed or other control characters
+    for number, line in enumerate(lines, 1):
+        bad = next((c for c in line.rstrip("\r") if c != "\t" and unicodedata.category(c) == "Cc"), None)
+        if bad is not None:
+            raise StageInputError(f"{path}: line {number} holds the control character {bad!r}")
+    prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise StageInputError(f"{path}: no prompts")
     return prompts
@@ -83,7 +93,7 @@ def save_embeddings(cond: Conditioning, folder: Path, name: str, shard_size: int
         tensors = {f"embeds.{k}": v.contiguous() for k, v in part.embeds.items()}
         tensors |= {f"negative.{k}": v.contiguous() for k, v in (part.negative or {}).items()}
         path = folder / f"{name}-{start // shard_size:05d}.safetensors"
-        save_file(tensors, path, metadata={"prompts": json.dumps(part.prompts)})
+        save_tensors(tensors, path, metadata={"prompts": json.dumps(part.prompts)})
         paths.append(path)
     return paths
 
@@ -97,11 +107,15 @@ def load_embeddings(folder: Path, name: str) -> Conditioning:
     embeds: dict[str, list[Tensor]] = {}
     negative: dict[str, list[Tensor]] = {}
     for shard in shards:
-        with safe_open(shard, "pt") as f:
-            prompts += json.loads(f.metadata()["prompts"])
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                group, sub = key.split(".", 1)
-                (embeds if group == "embeds" else negative).setdefault(sub, []).append(f.get_tensor(key))
+        try:
+            with safe_open(shard, "pt") as f:
+                prompts += json.loads((f.metadata() or {})["prompts"])
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    group, sub = key.split(".", 1)
+                    (embeds if group == "embeds" else negative).setdefault(sub, []).append(f.get_tensor(key))
+        except (SafetensorError, OSError, KeyError, ValueError) as error:
+            reason = " ".join(str(error).split())
+            raise StageInputError(f"{shard}: not a readable embedding shard (truncated or corrupt: {reason})") from None
     return Conditioning(
         prompts,
         {k: torch.cat(v) for k, v in embeds.items()},

@@ -3,28 +3,33 @@
 Tensors are flattened under "<part>/<name>" keys: the trained parameters of each part (generator, EMA, fake score),
 each optimiser's per-parameter state ("<optimiser>/<index>/<field>") and the RNG states ("rng/sampling", the loop's
 torch.Generator, and "rng/torch", the global CPU generator). Everything else is JSON in the file's metadata: the
-step, the run's identity (method, params, loop hyper-parameters) and each optimiser's param groups. Tensor shapes
-are in the safetensors header; loading checks all of it against the live run before changing anything.
+step, the run's identity (method, params, loop hyper-parameters), each optimiser's param groups and "sha256", a
+checksum of all the rest (`checksum`). Tensor shapes are in the safetensors header; loading verifies the checksum and
+the finiteness of every tensor, then checks all of it against the live run, before changing anything.
+`load_latest_checkpoint` falls back from a damaged newest checkpoint to the newest intact one, and `check_finite`
+stops a run whose loss, gradient norm or parameters are not finite, naming the last verified checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-from didr.training.atomic import write_atomically
+from didr.training.atomic import save_tensors
+from didr.training.preemption import PREEMPTED_EXIT_CODE  # noqa: F401 (re-exported: callers import it from here)
 
 FORMAT = "didr-align-checkpoint/1"
 NAME = re.compile(r"step-(\d+)\.safetensors")
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: a CLI exits with it on Preempted, so a scheduler knows to requeue the run
 
 
 class Preempted(Exception):
@@ -37,6 +42,10 @@ class Preempted(Exception):
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or belongs to another run; the one-line message names the file."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint that is unreadable, fails its checksum or holds non-finite values (an older one may be intact)."""
 
 
 @dataclass
@@ -62,7 +71,8 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
 
 
 def save_checkpoint(folder: str | Path, step: int, state: TrainingState, keep: int) -> Path:
-    """Write the checkpoint of `step` atomically, then delete all but the newest `keep`; returns its path."""
+    """Write the checkpoint of `step` atomically, then delete all but the newest `keep` and the temporary files a
+    killed writer left; returns its path."""
     flat = {"rng/sampling": state.rng.get_state(), "rng/torch": torch.get_rng_state()}
     for part, tensors in state.tensors.items():
         flat.update({f"{part}/{name}": t.detach().contiguous() for name, t in tensors.items()})
@@ -77,20 +87,26 @@ def save_checkpoint(folder: str | Path, step: int, state: TrainingState, keep: i
                 else:
                     other.setdefault(index, {})[field] = value
         metadata[name] = json.dumps({"param_groups": saved["param_groups"], "state": other})
+    metadata["sha256"] = checksum(flat, metadata)
     path = checkpoint_path(folder, step)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
+    save_tensors(flat, path, metadata)
     for old in list_checkpoints(folder)[:-keep]:
         old.unlink()
+    for stale in Path(folder).glob(".step-*.safetensors.tmp"):  # a killed writer's (its folder's lock is ours)
+        stale.unlink(missing_ok=True)
     return path
 
 
 def load_checkpoint(path: str | Path, state: TrainingState) -> int:
-    """Check the file against `state` (identity, tensor names and shapes), then load it; returns its step.
+    """Verify the file (checksum, finite tensors), check it against `state` (identity, tensor names and shapes), then
+    load it; returns its step.
 
-    Raises CheckpointError naming the file for an unreadable file or one from another run, before changing `state`.
+    Raises CheckpointError naming the file for one from another run, DamagedCheckpointError for an unreadable or
+    corrupt one, before changing `state`.
     """
     flat, metadata = _read(Path(path))
+    _verify(path, flat, metadata)
     _check(path, flat, metadata, state)
     with torch.no_grad():
         for part, tensors in state.tensors.items():
@@ -111,15 +127,67 @@ def load_checkpoint(path: str | Path, state: TrainingState) -> int:
     return int(metadata["step"])
 
 
+def load_latest_checkpoint(folder: str | Path, state: TrainingState) -> tuple[int, Path | None]:
+    """Load the newest intact checkpoint of `folder` into `state`: (its step, its path), or (0, None) if the folder
+    holds none. A damaged one (unreadable, checksum mismatch, non-finite values) is skipped with a one-line warning
+    naming it and why; DamagedCheckpointError if none is intact. One from another run raises CheckpointError at once."""
+    found = list_checkpoints(folder)
+    skipped: list[DamagedCheckpointError] = []
+    for path in reversed(found):
+        try:
+            return load_checkpoint(path, state), path
+        except DamagedCheckpointError as error:
+            warnings.warn(f"skipping {error}", RuntimeWarning, stacklevel=2)
+            skipped.append(error)
+    if found:
+        names = ", ".join(path.name for path in found)
+        raise DamagedCheckpointError(f"{folder}: no intact checkpoint (damaged: {names}); the newest: {skipped[0]}")
+    return 0, None
+
+
+def checksum(flat: Mapping[str, Tensor], metadata: Mapping[str, str]) -> str:
+    """sha256 over the metadata (but its own "sha256" entry) and each tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256(json.dumps({k: v for k, v in metadata.items() if k != "sha256"}, sort_keys=True).encode())
+    for key in sorted(flat):
+        t = flat[key].detach().cpu().contiguous()
+        digest.update(f"{key}:{t.dtype}:{list(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def check_finite(
+    step: int, loss: Tensor | float, grad_norm: Tensor | float, tensors: Mapping[str, Tensor], last_good: Path | None
+) -> None:
+    """FloatingPointError naming the step, the culprit and the last verified checkpoint unless the loss, the gradient
+    norm and every tensor of `tensors` (the trained parameters, by name) are finite."""
+    culprit = None
+    if not torch.isfinite(torch.as_tensor(loss)).all():
+        culprit = "generator loss"
+    elif not torch.isfinite(torch.as_tensor(grad_norm)).all():
+        culprit = "gradient norm"
+    else:
+        culprit = next((f"parameter {name}" for name, t in tensors.items() if not torch.isfinite(t).all()), None)
+    if culprit is not None:
+        raise FloatingPointError(f"non-finite {culprit} at step {step}; last good checkpoint: {last_good or 'none'}")
+
+
+def _verify(path: str | Path, flat: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    if "sha256" not in metadata:
+        raise DamagedCheckpointError(f"checkpoint {path} has no checksum (not written by this version); delete it")
+    if checksum(flat, metadata) != metadata["sha256"]:
+        raise DamagedCheckpointError(f"checkpoint {path} fails its checksum (corrupt); delete it")
+    for key, t in flat.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise DamagedCheckpointError(f"checkpoint {path} holds non-finite values in {key}; delete it")
+
+
 def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     try:
         with safe_open(path, "pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118 (not a dict)
     except Exception as error:  # safetensors' own error types, or OSError
         reason = " ".join(str(error).split())
-        raise CheckpointError(
-            f"checkpoint {path} is unreadable (corrupt or truncated; delete it to resume from an older one): {reason}"
-        ) from error
+        raise DamagedCheckpointError(f"checkpoint {path} is unreadable (corrupt or truncated): {reason}") from error
 
 
 def _check(path: str | Path, flat: dict[str, Tensor], metadata: dict[str, str], state: TrainingState) -> None:

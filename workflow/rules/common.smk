@@ -57,11 +57,10 @@ def job_input(stage):
 
 
 def job_param(stage, name):
-    """A value of a rule's command (jobs.Job.params) as a param: command words joined by spaces."""
+    """A value of a rule's command (jobs.Job.params) as a param: its command words, each shell-quoted (jobs.shell)."""
 
     def param(wildcards):
-        value = job(stage, wildcards).params[name]
-        return " ".join(value) if isinstance(value, list) else value
+        return jobs.shell_words(job(stage, wildcards).params[name])
 
     return param
 
