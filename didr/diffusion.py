@@ -191,6 +191,49 @@ def flow_velocity_from_zimage(u: Tensor) -> Tensor:
     return -u
 
 
+# ---------------------------------------------------------------- per-sample draws
+
+
+class SlicedGenerator(torch.Generator):
+    """A seeded generator shared by the `parts` pieces of one global batch (processes x micro-batches).
+
+    The per-sample draws below take the whole global batch's numbers from it and keep piece `part`, so each piece sees
+    exactly what one process drawing the global batch would see, and every process's stream stays in step with the
+    others' (docs/pipeline.md, "many GPUs"). With parts = 1 they are plain torch draws.
+    """
+
+    def __new__(cls, device: torch.device | str = "cpu", parts: int = 1) -> SlicedGenerator:
+        return super().__new__(cls, device)  # type: ignore[call-arg]  # torch.Generator(device), untyped
+
+    def __init__(self, device: torch.device | str = "cpu", parts: int = 1):
+        if parts < 1:
+            raise ValueError(f"parts must be >= 1, got {parts}")
+        self.parts, self.part = parts, 0
+
+
+def _piece(draw: Callable[[tuple[int, ...]], Tensor], shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+    parts, part = getattr(generator, "parts", 1), getattr(generator, "part", 0)
+    if parts == 1:
+        return draw(shape)
+    n = shape[0]
+    return draw((n * parts, *shape[1:]))[part * n : (part + 1) * n]
+
+
+def batch_randn(shape: tuple[int, ...], generator: torch.Generator, **kwargs: Any) -> Tensor:
+    """N(0, I) draws for the `shape[0]` samples of this piece of the batch (torch.randn's keyword arguments)."""
+    return _piece(lambda s: torch.randn(s, generator=generator, **kwargs), shape, generator)
+
+
+def batch_rand(n: int, generator: torch.Generator, **kwargs: Any) -> Tensor:
+    """U[0, 1) draws for the `n` samples of this piece of the batch."""
+    return _piece(lambda s: torch.rand(s, generator=generator, **kwargs), (n,), generator)
+
+
+def batch_randint(high: int, n: int, generator: torch.Generator, **kwargs: Any) -> Tensor:
+    """Integers in [0, high) for the `n` samples of this piece of the batch."""
+    return _piece(lambda s: torch.randint(high, s, generator=generator, **kwargs), (n,), generator)
+
+
 # ---------------------------------------------------------------- time samplers
 
 
@@ -203,7 +246,7 @@ class UniformTime:
         self.t_min, self.t_max = t_min, t_max
 
     def __call__(self, n: int, generator: torch.Generator, device: torch.device | str = "cpu") -> Tensor:
-        u = torch.rand(n, generator=generator, device=device)
+        u = batch_rand(n, generator, device=device)
         return self.t_min + (self.t_max - self.t_min) * u
 
 
@@ -218,7 +261,7 @@ class LogitNormalTime:
         self.mean, self.std, self.t_min, self.t_max = mean, std, t_min, t_max
 
     def __call__(self, n: int, generator: torch.Generator, device: torch.device | str = "cpu") -> Tensor:
-        z = torch.randn(n, generator=generator, device=device)
+        z = batch_randn((n,), generator, device=device)
         return torch.sigmoid(self.mean + self.std * z).clamp(self.t_min, self.t_max)
 
 

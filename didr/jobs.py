@@ -9,7 +9,11 @@ launcher (didr/launch.py) are all built from this table, so the three run the sa
     align    run of the grid        didr align --params P --teacher T --warmup W <run options> --checkpoints K --out A
     sample   sample set             didr sample --params P --teacher T [--generator W or A] --out S
     score    sample set             didr score --params P --teacher T --samples S --reference S_teacher --out C
-    report   -                      didr report --params P --scores C... --samples S... --out R
+    report   -                      didr report --params P --scores C... --samples S... --runs A... --out R
+    export   run of the grid        didr export --params P --teacher T --run A --scores C --out E
+
+Every command also gets --threads (the job's); warmup and align get --processes and --accumulation (the job's
+`processes` and `accumulation` resources: how many processes share one run, and micro-batches per process).
 
 A sample set is a reference (layout.REFERENCES: the teacher with N steps and CFG, the warm start) or a run of the grid.
 """
@@ -17,6 +21,7 @@ A sample set is a reference (layout.REFERENCES: the teacher with N steps and CFG
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -35,6 +40,8 @@ class Resources:
     mem_mb: int
     runtime: int  # minutes
     threads: int
+    processes: int = 1  # training processes of one job, one per GPU (torchrun; warmup and align only)
+    accumulation: int = 1  # micro-batches per process and step (the batch stays params.yaml's)
 
 
 @dataclass(frozen=True)
@@ -102,9 +109,21 @@ def _report(p: Any, name: str) -> dict:
     return {
         "input.scores": [str(layout.scores_dir(exp, s)) for s in sets],
         "input.samples": [str(layout.samples_dir(exp, s)) for s in sets],
+        "input.runs": [str(layout.align_dir(exp, run)) for run in runs(p)],  # their metrics.parquet: the curves
         "params.out": str(layout.report_dir(exp)),  # one folder, which `didr report` replaces as a whole
     }
 
+
+def _export(p: Any, run: str) -> dict:
+    exp = p.experiment
+    return {
+        "input.teacher": str(layout.teacher_dir(exp)),
+        "input.run": str(layout.align_dir(exp, run)),
+        "input.scores": str(layout.scores_dir(exp, run)),  # the run's row of the report's table
+    }
+
+
+DISTRIBUTED = "--processes {resources.processes} --accumulation {resources.accumulation}"  # warmup, align
 
 STAGES: dict[str, Stage] = {
     stage.name: stage
@@ -112,7 +131,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "teacher",
             each="",
-            command="didr teacher --params {params.file} --out {output}",
+            command="didr teacher --params {params.file} --threads {threads} --out {output}",
             output=lambda exp, name: layout.teacher_dir(exp),
             values=_teacher,
             reads=("seed", "teacher", "prompts"),
@@ -121,7 +140,8 @@ STAGES: dict[str, Stage] = {
         Stage(
             "warmup",
             each="",
-            command="didr warmup --params {params.file} --teacher {input.teacher} --out {output}",
+            command="didr warmup --params {params.file} --threads {threads} --teacher {input.teacher}"
+            f" {DISTRIBUTED} --out {{output}}",
             output=lambda exp, name: layout.warmup_dir(exp),
             values=_warmup,
             reads=("seed", "warmup", "finetune", "align.t_min", "align.t_max_sampling"),
@@ -130,8 +150,9 @@ STAGES: dict[str, Stage] = {
         Stage(
             "align",
             each="run",
-            command="didr align --params {params.file} --teacher {input.teacher} --warmup {input.warmup}"
-            " {params.options} --checkpoints {params.checkpoints} --out {output}",
+            command="didr align --params {params.file} --threads {threads} --teacher {input.teacher}"
+            " --warmup {input.warmup} {params.options} --checkpoints {params.checkpoints}"
+            f" {DISTRIBUTED} --out {{output}}",
             output=layout.align_dir,
             values=_align,
             reads=("align", "finetune", "rewards.train", "rewards.models"),
@@ -140,7 +161,8 @@ STAGES: dict[str, Stage] = {
         Stage(
             "sample",
             each="set",
-            command="didr sample --params {params.file} --teacher {input.teacher} {params.generator} --out {output}",
+            command="didr sample --params {params.file} --threads {threads} --teacher {input.teacher}"
+            " {params.generator} --out {output}",
             output=layout.samples_dir,
             values=_sample,
             reads=("sample",),
@@ -149,8 +171,8 @@ STAGES: dict[str, Stage] = {
         Stage(
             "score",
             each="set",
-            command="didr score --params {params.file} --teacher {input.teacher} --samples {input.samples}"
-            " --reference {input.reference} --out {output}",
+            command="didr score --params {params.file} --threads {threads} --teacher {input.teacher}"
+            " --samples {input.samples} --reference {input.reference} --out {output}",
             output=layout.scores_dir,
             values=_score,
             reads=("seed", "rewards.eval", "rewards.models", "score"),
@@ -159,14 +181,24 @@ STAGES: dict[str, Stage] = {
         Stage(
             "report",
             each="",
-            command="didr report --params {params.file} --scores {input.scores} --samples {input.samples}"
-            " --out {params.out}",
+            command="didr report --params {params.file} --threads {threads} --scores {input.scores}"
+            " --samples {input.samples} --runs {input.runs} --out {params.out}",
             output=lambda exp, name: layout.report_dir(exp),
             values=_report,
             reads=("rewards.eval",),
-            resources=Resources(gpus=0, mem_mb=8000, runtime=30, threads=2),
+            resources=Resources(gpus=0, mem_mb=8000, runtime=30, threads=1),  # Snakemake's local jobs get 1 thread
             local=True,
             done="metrics.parquet",
+        ),
+        Stage(
+            "export",
+            each="run",
+            command="didr export --params {params.file} --threads {threads} --teacher {input.teacher}"
+            " --run {input.run} --scores {input.scores} --out {output}",
+            output=layout.export_dir,
+            values=_export,
+            reads=("export",),
+            resources=Resources(gpus=0, mem_mb=16000, runtime=30, threads=2),
         ),
     ]
 }
@@ -191,9 +223,22 @@ class Job:
     def done(self) -> str:
         return f"{self.output}/{self.stage.done}" if self.stage.done else self.output
 
-    def command(self, params_file: str) -> list[str]:
-        """The job's `didr` command, word by word."""
-        return fill(self.stage.command, {**self.slots, "params.file": str(params_file)})
+    def command(
+        self,
+        params_file: str,
+        processes: int | None = None,
+        accumulation: int | None = None,
+        threads: int | None = None,
+    ) -> list[str]:
+        """The job's `didr` command, word by word (with the stage's resources unless given)."""
+        r = self.stage.resources
+        numbers = {
+            "threads": threads or r.threads,
+            "resources.processes": processes or r.processes,
+            "resources.accumulation": accumulation or r.accumulation,
+        }
+        slots = {**self.slots, "params.file": str(params_file)} | {k: str(v) for k, v in numbers.items()}
+        return fill(self.stage.command, slots)
 
 
 def fill(template: str, slots: dict[str, Value]) -> list[str]:
@@ -261,12 +306,32 @@ def settings(p: Any, stage: str) -> str:
     return json.dumps(picked, sort_keys=True)
 
 
+PRE_QUOTED = "params."  # a rule's params.<name> (but params.file) are shell words already (shell_words)
+
+
 def shell(stage: str) -> str:
-    """A rule's shell command: the stage's `didr` command, its output and errors in the job's log."""
-    return f"{STAGES[stage].command} > {{log}} 2>&1"
+    """A rule's shell command: the stage's `didr` command, its output and errors in the job's log. Every value is one
+    shell-quoted word (Snakemake's {slot:q}; a list, each of its items), so a path with a space or `$(...)` is inert:
+    the params the rules compute (PRE_QUOTED) are quoted when computed (shell_words), the rule's threads are a number.
+    """
+    words = [
+        word if not (word.startswith("{") and word.endswith("}")) or word == "{threads}"
+        else word if word.startswith("{" + PRE_QUOTED) and word != "{params.file}"
+        else word[:-1] + ":q}"
+        for word in STAGES[stage].command.split()
+    ]  # fmt: skip
+    return " ".join(words) + " > {log:q} 2>&1"
+
+
+def shell_words(value: Value) -> str:
+    """A command value as shell text: each word quoted (shlex: a safe word stays as it is), joined by spaces."""
+    return shlex.join(value) if isinstance(value, list) else shlex.quote(value) if value else ""
 
 
 def rule_resources(stage: str) -> dict[str, int]:
-    """A rule's resources (gpu=1 -> sbatch --gpus=1, mem_mb -> --mem, runtime in minutes -> --time)."""
+    """A rule's resources (gpu=1 -> sbatch --gpus=1, mem_mb -> --mem, runtime in minutes -> --time); warmup and align
+    also have `processes` and `accumulation`, which a (workflow) profile's set-resources may raise."""
     r = STAGES[stage].resources
-    return {"gpu": r.gpus, "mem_mb": r.mem_mb, "runtime": r.runtime}
+    trains = DISTRIBUTED in STAGES[stage].command
+    distributed = {"processes": r.processes, "accumulation": r.accumulation} if trains else {}
+    return {"gpu": r.gpus, "mem_mb": r.mem_mb, "runtime": r.runtime} | distributed

@@ -54,18 +54,35 @@ WHAT = {  # what a job's input is, by its name in the job table (didr/jobs.py)
     "generator": "the generator of {name}",
     "samples": "the samples of {name}",
     "reference": "the teacher's samples",
+    "run": "the align run {name}",
+    "scores": "the scores of {name}",
 }
-WHAT_EACH = {"scores": "a score stage's output", "samples": "a sample stage's output"}  # an input of several paths
+WHAT_EACH = {  # an input of several paths
+    "scores": "a score stage's output",
+    "samples": "a sample stage's output",
+    "runs": "an align stage's output",
+}
 
 
-def stage_tasks(params: Any, params_file: Path, stage: str, names: list[str]) -> list[Task]:
+def stage_tasks(
+    params: Any,
+    params_file: Path,
+    stage: str,
+    names: list[str],
+    processes: int | None = None,
+    accumulation: int | None = None,
+    threads: int | None = None,
+) -> list[Task]:
     """Every job of `stage` (one per name; every run or sample set when `names` is empty), each with the command of
-    its Snakemake rule (both from didr/jobs.py); ValueError names a run or sample set that is not in the grid."""
+    its Snakemake rule (both from didr/jobs.py), with `processes` and `accumulation` per run for warmup and align
+    and `threads` (--cpus) for every stage when given;
+    ValueError names a run or sample set that is not in the grid."""
     known = jobs.names(params, stage)
     if jobs.STAGES[stage].each:
         for name in names:
             if name not in known:
-                what = "a run of the grid" if stage == "align" else "a sample set (teacher, warm-start or a grid run)"
+                sets = stage in ("sample", "score")
+                what = "a sample set (teacher, warm-start or a grid run)" if sets else "a run of the grid"
                 raise ValueError(f"{name!r} is not {what} of {params_file} ({len(known)} known, e.g. {known[-1]})")
     else:
         names = []
@@ -78,7 +95,8 @@ def stage_tasks(params: Any, params_file: Path, stage: str, names: list[str]) ->
                 inputs += [(Path(path), WHAT_EACH[key]) for path in value]
             elif value:
                 inputs.append((Path(value), WHAT[key].format(name=name)))
-        tasks.append(Task(name, job.command(str(params_file)), Path(job.done), Path(job.log), inputs))
+        command = job.command(str(params_file), processes, accumulation, threads)
+        tasks.append(Task(name, command, Path(job.done), Path(job.log), inputs))
     return tasks
 
 
@@ -132,7 +150,7 @@ def executor_settings(args: argparse.Namespace) -> dict[str, Any]:
     settings: dict[str, Any] = {
         "name": f"didr-{args.stage}",
         "timeout_min": default.runtime if args.time_min is None else args.time_min,
-        "gpus_per_node": default.gpus if args.gpus is None else args.gpus,
+        "gpus_per_node": default.gpus * getattr(args, "processes", 1) if args.gpus is None else args.gpus,
         "cpus_per_task": default.threads if args.cpus is None else args.cpus,
         "mem_gb": default.mem_mb / 1000 if args.mem_gb is None else args.mem_gb,
     }
@@ -229,7 +247,10 @@ def launch(args: argparse.Namespace) -> int:
 
     params = load_params(args.params)
     names = getattr(args, "runs", None) or getattr(args, "sets", [])
-    tasks = stage_tasks(params, args.params, args.stage, names)
+    tasks = stage_tasks(
+        params, args.params, args.stage, names, getattr(args, "processes", None), getattr(args, "accumulation", None),
+        args.cpus,
+    )  # fmt: skip
     settings = executor_settings(args)
     todo = [task for task in tasks if not task.done.exists()]
     if not todo:
@@ -298,8 +319,16 @@ def add_launch_parser(commands: Any) -> argparse.ArgumentParser:
     stages = launch_parser.add_subparsers(dest="stage", required=True)
     for stage in STAGES:
         sub = stages.add_parser(stage, parents=[common], help=f"the {stage} stage")
-        if stage == "align":
+        if stage in ("align", "export"):
             sub.add_argument("--runs", nargs="+", metavar="ID", help="run ids (default: every grid run)")
         if stage in ("sample", "score"):
             sub.add_argument("sets", nargs="*", help="sample sets: teacher, warm-start or run ids (default: all)")
+        if stage in ("warmup", "align"):
+            sub.add_argument(
+                "--processes",
+                type=int,
+                default=1,
+                help="processes per run, one per GPU (GPUs per job: this times the stage's)",
+            )
+            sub.add_argument("--accumulation", type=int, default=1, help="micro-batches per process and step")
     return launch_parser

@@ -3,6 +3,7 @@ all` in a scratch copy of the project with the tiny params."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -25,14 +26,21 @@ LOCAL_RULES = {"report", "all"}
 DAG_TIMEOUT_S = 900
 
 
-def snakemake_slurm(project: Path, cluster: SlurmCluster, partition: str | None, timeout: float):
-    """`snakemake --profile slurm all` in `project`; on timeout its process group is killed, its jobs cancelled."""
+def snakemake_slurm(project: Path, cluster: SlurmCluster, partition: str | None, timeout: float, *options: str):
+    """`snakemake --profile slurm all [options]` in `project`; on timeout its process group is killed, its jobs
+    cancelled."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("DIDR_SLURM_", "SNAKEMAKE_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # snakemake and didr from this venv
     if partition is not None:
         env["DIDR_SLURM_PARTITION"] = partition
     process = subprocess.Popen(
-        COMMAND, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        [*COMMAND, *options],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         out, err = process.communicate(timeout=timeout)
@@ -51,17 +59,23 @@ def run_ids(log: str) -> list[str]:
 
 
 def test_pipeline_runs_on_slurm(slurm_cluster: SlurmCluster, tmp_path):
-    """Every non-local job of the tiny DAG goes through sbatch and completes on the cluster; the report is written."""
+    """Every non-local job of the tiny DAG goes through sbatch and completes on the cluster; the report is written.
+    The warm-up and each align run are 2 processes (torchrun on the CPU, gloo) inside their SLURM job."""
     project = scratch_project(tmp_path / "project")
-    code, log = snakemake_slurm(project, slurm_cluster, slurm_cluster.partition, DAG_TIMEOUT_S)
+    two = ["--set-resources", "warmup:processes=2", "align:processes=2"]
+    code, log = snakemake_slurm(project, slurm_cluster, slurm_cluster.partition, DAG_TIMEOUT_S, *two)
     assert code == 0, log[-5000:]
     for name in ("metrics.csv", "grid.png"):
         assert (project / "reports" / "tiny" / name).stat().st_size > 0
+    trained = [project / "runs" / "tiny" / "warmup", *(project / "runs" / "tiny" / "align").glob("*/*/*")]
+    assert len(trained) == 3
+    for folder in trained:
+        assert json.loads((folder / "params.json").read_text())["processes"] == 2
 
     planned = {rule: int(n) for rule, n in re.findall(r"^(\w+)\s+(\d+)$", log, re.MULTILINE) if rule != "total"}
     submitted = re.findall(r"submitted with SLURM jobid (\d+) \(log: \S*/rule_(\w+)/", log)
     assert Counter(rule for _, rule in submitted) == {r: n for r, n in planned.items() if r not in LOCAL_RULES}
-    assert len(submitted) == 12  # the tiny DAG's 14 jobs but report and all
+    assert len(submitted) == 14  # the tiny DAG's 16 jobs (2 exports) but report and all
 
     (run_id,) = run_ids(log)
     assert slurm_cluster.jobs(run_id) == {job: "COMPLETED" for job, _ in submitted}

@@ -116,6 +116,12 @@ def test_align_resumes_instead_of_redoing(world, capsys):
     first = (out / "generator.safetensors").read_bytes()
     assert run(*args) == 0  # a finished run loads its final checkpoint and writes the same generator
     assert (out / "generator.safetensors").read_bytes() == first
+    edited = yaml.safe_load((root / "params.yaml").read_text())  # edits the run does not train with
+    edited["grid"]["methods"]["didr"]["beta"].append(0.25)
+    edited["sample"]["per_prompt"] += 1
+    (root / "edited.yaml").write_text(yaml.safe_dump(edited))
+    assert run("align", "--params", str(root / "edited.yaml"), *args[3:]) == 0  # the same run: resumed, not redone
+    assert (out / "generator.safetensors").read_bytes() == first
     assert run(*args, "--set", "align.steps=6") == 0  # changed settings: a fresh run beside the old checkpoints
     assert len(pd.read_parquet(out / "metrics.parquet")) == 6
     assert len(list((root / "align-resume.checkpoints").iterdir())) == 2

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from didr.backbones.base import Conditioning, Denoiser
-from didr.diffusion import LogitNormalTime, UniformTime, expand_like
+from didr.diffusion import LogitNormalTime, UniformTime, batch_randn, expand_like
 from didr.rewards.base import Reward
 
 TimeSampler = UniformTime | LogitNormalTime
@@ -33,7 +33,7 @@ class NoisySample:
 def draw_noisy(x0: Tensor, denoiser: Denoiser, time_sampling: TimeSampler, generator: torch.Generator) -> NoisySample:
     """Diffuse the detached generator sample to a random time (no gradient reaches theta through x_t)."""
     t = time_sampling(x0.shape[0], generator, x0.device).to(x0.dtype)
-    eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    eps = batch_randn(tuple(x0.shape), generator, device=x0.device, dtype=x0.dtype)
     a, s = denoiser.schedule.alpha_sigma(t)
     x0 = x0.detach()
     return NoisySample(t, expand_like(a, x0) * x0 + expand_like(s, x0) * eps, expand_like(a, x0), expand_like(s, x0))

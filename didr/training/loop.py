@@ -13,7 +13,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -23,8 +23,18 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from didr.backbones.base import Conditioning, Denoiser
+from didr.diffusion import SlicedGenerator, batch_randint, batch_randn
 from didr.objectives.fake_score import FakeScoreLoss
-from didr.training.checkpoint import Preempted, TrainingState, list_checkpoints, load_checkpoint, save_checkpoint
+from didr.training.checkpoint import (
+    Preempted,
+    TrainingState,
+    check_finite,
+    checkpoint_path,
+    list_checkpoints,
+    load_latest_checkpoint,
+    save_checkpoint,
+)
+from didr.training.distributed import Processes, check_batch
 from didr.training.metrics_log import MetricsLog
 from didr.training.preemption import stop_on_signals
 
@@ -43,12 +53,38 @@ class AlignmentResult:
 def draw_batch(
     generator: nn.Module, prompts: Conditioning, batch_size: int, rng: torch.Generator
 ) -> tuple[Tensor, Conditioning]:
-    """A batch of noise z ~ N(0, I) and prompts drawn with replacement from the prompt set."""
+    """A batch of noise z ~ N(0, I) and prompts drawn with replacement from the prompt set (this process's piece of
+    the global batch when `rng` is a SlicedGenerator)."""
     param = next(generator.parameters())
-    index = torch.randint(len(prompts), (batch_size,), generator=rng, device=rng.device)
+    index = batch_randint(len(prompts), batch_size, rng, device=rng.device)
     shape = cast("tuple[int, ...]", generator.sample_shape)  # every generator declares its sample shape
-    z = torch.randn((batch_size, *shape), generator=rng, device=rng.device, dtype=param.dtype)
+    z = batch_randn((batch_size, *shape), rng, device=rng.device, dtype=param.dtype)
     return z.to(param.device), prompts.select(index)
+
+
+class FakeStep(nn.Module):
+    """The fake score's loss as a module's forward, so that data parallelism can wrap it."""
+
+    def __init__(self, fake: nn.Module, fake_loss: FakeScoreLoss):
+        super().__init__()
+        self.fake, self.fake_loss = fake, fake_loss
+
+    def forward(self, x0: Tensor, cond: Conditioning, rng: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        return self.fake_loss(x0, cond, rng)
+
+
+def micro_batches(rng: SlicedGenerator, processes: Processes, accumulation: int) -> Iterator[bool]:
+    """Point `rng` at each of this process's micro-batches in turn, every one starting from the same state, so that
+    together they draw what one process drawing the global batch would; yields whether it is the last."""
+    start = rng.get_state()
+    for j in range(accumulation):
+        rng.set_state(start)
+        rng.part = processes.rank * accumulation + j
+        yield j == accumulation - 1
+
+
+def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {k: sum(row[k] for row in rows) / len(rows) for k in rows[0]}
 
 
 def _trained(module: nn.Module | None) -> dict[str, Tensor]:
@@ -80,6 +116,8 @@ def align(
     lr_schedule: str = "constant",
     ema_decay: float = 0.99,
     seed: int = 0,
+    accumulation: int = 1,
+    processes: Processes | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 1000,
@@ -92,14 +130,18 @@ def align(
     """Align `generator` by minimising `objective`; the fake score (if it has parameters) trains by `fake_loss`.
 
     A fake score with no trainable parameters (an exact one, e.g. AffineFakeScore) is used as it is.
+    `batch_size` is the global batch: with `processes` (several, started by torchrun) and `accumulation`
+    micro-batches, each process computes batch_size / (world x accumulation) samples at a time, and the run's
+    losses and weights equal one process's on the whole batch up to the order of floating-point sums.
     With `checkpoint_dir`, a checkpoint (step-NNNNNN.safetensors, the newest `keep_checkpoints` kept) is written every
-    `checkpoint_every` steps and at the end, and SIGTERM / SIGUSR1 make the run finish its step, checkpoint and raise
-    Preempted. `resume=True` continues from the newest checkpoint there (bit-identically on the CPU); it must come
-    from the same run: objective class, `params` (the caller's JSON-able description of the run) and this loop's
-    hyper-parameters, else CheckpointError. `metrics_path`: a parquet file of every step's scalars, flushed at each
-    checkpoint; a resumed run reloads its rows into `history` (without it, history starts at the resumed step).
-    `progress` shows a tqdm bar on stderr. Raises FloatingPointError naming the step and the last good checkpoint
-    if a loss is not finite.
+    `checkpoint_every` steps and at the end, and SIGTERM / SIGUSR1 (on any process) make the run finish its step,
+    checkpoint and raise Preempted. `resume=True` continues from the newest checkpoint there (bit-identically on the
+    CPU, at any number of processes); it must come from the same run: objective class, `params` (the caller's
+    JSON-able description of the run) and this loop's hyper-parameters, else CheckpointError. `metrics_path`: a
+    parquet file of every step's scalars, flushed at each checkpoint; a resumed run reloads its rows into `history`
+    (without it, history starts at the resumed step). Only the main process writes files. `progress` shows a tqdm
+    bar on stderr. Raises FloatingPointError naming the step and the last verified checkpoint if the loss, the gradient
+    norm or a trained parameter is not finite; a damaged newest checkpoint is skipped for the newest intact one.
     """
     if steps < 1 or batch_size < 1 or fake_updates < 0:
         raise ValueError(
@@ -117,20 +159,28 @@ def align(
         json.dumps(params)
     except TypeError as error:
         raise ValueError(f"params must be JSON-serialisable: {error}") from error
-    max_norm = float("inf") if grad_clip is None else grad_clip
     device = next(generator.parameters()).device
-    rng = torch.Generator(device=device).manual_seed(seed)
+    processes = processes or Processes(device)
+    micro = check_batch(batch_size, processes.world, accumulation)
+    max_norm = float("inf") if grad_clip is None else grad_clip
+    rng = SlicedGenerator(device, parts=processes.world * accumulation)
+    rng.manual_seed(seed)
     gen_params = [p for p in generator.parameters() if p.requires_grad]
     gen_opt: torch.optim.Optimizer = torch.optim.AdamW(gen_params, lr=lr, betas=adam_betas, weight_decay=weight_decay)
     fake_params = [] if fake is None else [p for p in fake.parameters() if p.requires_grad]
     if fake_params and fake_loss is None:
         raise ValueError("the fake score has trainable parameters: pass fake_loss=")
     fake_opt: torch.optim.Optimizer | None = None
+    fake_step: nn.Module | None = None
     if fake_params:
+        assert fake is not None and fake_loss is not None  # fake_params come from a fake score, which needs its loss
         fake_opt = torch.optim.AdamW(fake_params, lr=fake_lr or lr, betas=adam_betas, weight_decay=weight_decay)
+        fake_step = processes.wrap(FakeStep(fake, fake_loss))
     frozen = {id(p): p for p in generator.parameters() if not p.requires_grad}  # shared, not copied (LoRA bases)
     ema = copy.deepcopy(generator, frozen).requires_grad_(False)
     trained, ema_tensors = _trained(generator), dict(ema.named_parameters())
+    wrapped = processes.wrap(generator)
+    watched = {f"generator/{n}": p for n, p in trained.items()} | {f"fake/{n}": p for n, p in _trained(fake).items()}
     loop = dict(
         steps=steps, batch_size=batch_size, fake_updates=fake_updates, lr=lr, fake_lr=fake_lr, adam_betas=adam_betas,
         weight_decay=weight_decay, grad_clip=grad_clip, lr_schedule=lr_schedule, ema_decay=ema_decay, seed=seed,
@@ -145,61 +195,77 @@ def align(
         rng=rng,
         identity={"method": type(objective).__name__, "params": params or {}, "loop": loop},
     )
-    log = MetricsLog(metrics_path)
+    log = MetricsLog(metrics_path if processes.main else None)
     start, last = 0, None
     found = [] if checkpoint_dir is None else list_checkpoints(checkpoint_dir)
     if found and not resume:
         raise ValueError(f"checkpoint_dir {checkpoint_dir} holds checkpoints ({found[-1].name}): pass resume=True")
     if found:
-        last = found[-1]
-        start = load_checkpoint(last, state)
+        assert checkpoint_dir is not None  # found lists its checkpoints
+        start, last = load_latest_checkpoint(checkpoint_dir, state)  # the newest intact one, skipping damaged ones
         log.resume(start)
+    processes.barrier()  # every process has read the checkpoint before the main one may write the next
     result = AlignmentResult(generator, ema, log.rows)
 
     def save(done: int) -> Path | None:
         """Flush the metric log, then (with checkpoint_dir) checkpoint: the log never lags the newest checkpoint."""
-        log.flush()
-        return None if checkpoint_dir is None else save_checkpoint(checkpoint_dir, done, state, keep_checkpoints)
+        if processes.main:
+            log.flush()
+            if checkpoint_dir is not None:
+                save_checkpoint(checkpoint_dir, done, state, keep_checkpoints)
+        processes.barrier()
+        return None if checkpoint_dir is None else checkpoint_path(checkpoint_dir, done)
 
-    bar = tqdm(total=steps, initial=start, desc="align", file=sys.stderr, disable=not progress)
+    bar = tqdm(total=steps, initial=start, desc="align", file=sys.stderr, disable=not (progress and processes.main))
     with stop_on_signals(enabled=checkpoint_dir is not None) as stop, bar:
         for step in range(start, steps):
             began = time.perf_counter()
             factor = _lr_factor(lr_schedule, step, steps)
             logs: dict[str, float] = {"step": float(step)}
             if fake_opt is not None:
-                assert fake_loss is not None  # fake_opt exists only for trainable fake parameters, which need it
+                assert fake_step is not None  # made with fake_opt
                 for group in fake_opt.param_groups:
                     group["lr"] = (fake_lr or lr) * factor
                 for _ in range(fake_updates):
-                    z, cond = draw_batch(generator, prompts, batch_size, rng)
-                    with torch.no_grad():
-                        x0 = generator(z, cond)
-                    loss, fake_logs = fake_loss(x0, cond, rng)
                     fake_opt.zero_grad(set_to_none=True)
-                    loss.mean().backward()
+                    rows = []
+                    for last_micro in micro_batches(rng, processes, accumulation):
+                        z, cond = draw_batch(generator, prompts, micro, rng)
+                        with torch.no_grad():
+                            x0 = generator(z, cond)
+                        with processes.accumulating(fake_step, sync=last_micro):
+                            loss, fake_logs = fake_step(x0, cond, rng)
+                            (loss.mean() / accumulation).backward()
+                        rows.append(fake_logs)
                     fake_norm = torch.nn.utils.clip_grad_norm_(fake_params, max_norm)
                     fake_opt.step()
-                    logs.update(fake_logs, grad_norm_fake=fake_norm.item())
+                    logs.update(_mean(rows), grad_norm_fake=fake_norm.item())
 
             for group in gen_opt.param_groups:
                 group["lr"] = lr * factor
-            z, cond = draw_batch(generator, prompts, batch_size, rng)
-            loss, gen_logs = objective(generator(z, cond), cond, rng)
-            loss = loss.mean()
-            if not torch.isfinite(loss):
-                log.flush()
-                raise FloatingPointError(
-                    f"non-finite generator loss at step {step}; last good checkpoint: {last or 'none'}"
-                )
             gen_opt.zero_grad(set_to_none=True)
-            loss.backward()
+            rows, total = [], 0.0
+            for last_micro in micro_batches(rng, processes, accumulation):
+                z, cond = draw_batch(generator, prompts, micro, rng)
+                with processes.accumulating(wrapped, sync=last_micro):
+                    loss, gen_logs = objective(wrapped(z, cond), cond, rng)
+                    loss = loss.mean() / accumulation
+                    loss.backward()
+                rows.append(gen_logs)
+                total += loss.item()
+            logs = processes.mean(logs | _mean(rows) | {"loss": total})
             norm = torch.nn.utils.clip_grad_norm_(gen_params, max_norm)
             gen_opt.step()
             with torch.no_grad():  # the trained tensors only: the frozen ones (LoRA bases) are shared with the EMA
                 for name, p in trained.items():
                     ema_tensors[name].lerp_(p, 1 - ema_decay)
-            logs.update(gen_logs, loss=loss.item(), grad_norm=norm.item(), step_seconds=time.perf_counter() - began)
+            try:  # the same numbers on every process (losses all-reduced, gradients averaged): all stop together
+                check_finite(step, logs["loss"], norm, watched, last)
+            except FloatingPointError:
+                if processes.main:
+                    log.flush()
+                raise
+            logs.update(grad_norm=norm.item(), step_seconds=time.perf_counter() - began)
             log.append(logs)
             bar.set_postfix(loss=f"{logs['loss']:.4g}", refresh=False)
             bar.update()
@@ -207,8 +273,9 @@ def align(
                 on_step(step, logs)
             done = step + 1
             signal_name = stop.signal_name  # read once: a signal arriving after this is handled after the next step
-            if done % checkpoint_every == 0 or done == steps or signal_name:
+            stopping = processes.any(signal_name is not None)  # a signal to any process stops them all at this step
+            if done % checkpoint_every == 0 or done == steps or stopping:
                 last = save(done)
-            if signal_name:
-                raise Preempted(done, last, signal_name)
+            if stopping:
+                raise Preempted(done, last, signal_name or "a signal to another process")
     return result
