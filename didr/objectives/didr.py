@@ -32,7 +32,8 @@ Damping = Callable[[Tensor], Tensor]
 class DIDR:
     """Diff-Instruct with Diffused Reward.
 
-    `drs` is a proxy mode ('tweedie', 'k-step', 'hybrid', estimated from `reward` / `beta`) or a callable
+    `drs` is a proxy mode ('tweedie', 'k-step', 'hybrid', 'curvature', estimated from `reward` / `beta`; `drs_steps`
+    is K, or the curvature mode's solver iterations) or a callable
     (x_t, t, cond) -> DRS_t (for example an exact closed form). `t_max` caps the DRS to t <= t_max and `gamma`
     damps it by gamma(t); both make the target deviate from the exact tilt, deliberately (docs/algorithm.md §5.5).
     """
@@ -81,6 +82,8 @@ class DIDR:
             "direction_norm": direction.flatten(1).norm(dim=1).mean().item(),
             "drs_norm": shift.flatten(1).norm(dim=1).mean().item(),
         }
+        if isinstance(self.estimator, DiffusedRewardProxy) and self.estimator.mode == "curvature":
+            logs["drs_fallback"] = self.estimator.fallback_fraction  # share of the batch that fell back to Tweedie
         if self.reward is not None:  # logged only, like the other methods' reward at the clean image
             with torch.no_grad():
                 logs["reward"] = reward_at(self.reward, self.teacher, x0.detach(), cond).mean().item()

@@ -1,4 +1,5 @@
-"""Stage `score`: per-image rewards (training and held-out) and per-set fidelity against real and teacher images."""
+"""Stage `score`: per-image rewards (training and held-out) and per-set fidelity against real and teacher images
+(FID with 95% bootstrap intervals, KID, diversity)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch import Tensor
 
 from didr.config import Params
 from didr.evaluation.features import batched
-from didr.evaluation.fidelity import diversity, frechet_distance, kernel_distance
+from didr.evaluation.fidelity import diversity, frechet_distance, frechet_interval, kernel_distance
 from didr.stages.common import load_features, load_reward, pick_device, read_run_params
 from didr.stages.io import StageInputError, write_text_atomic
 from didr.training.atomic import atomic_dir
@@ -49,6 +50,8 @@ def run_score(
     kid_real, kid_real_std = kernel_distance(ours, real)
     kid_teacher, _ = kernel_distance(ours, teacher)
     run = read_run_params(sample_dir)
+    real_low, real_high = frechet_interval(ours, real, seed=params.seed)
+    teacher_low, teacher_high = frechet_interval(ours, teacher, seed=params.seed)
     summary = {
         "method": run["method"],
         "setting": run["setting"],
@@ -59,9 +62,13 @@ def run_score(
         **{name: float(per_image[name].mean()) for name in matches},
         "features": fidelity.name,
         "fid_real": frechet_distance(ours, real),
+        "fid_real_low": real_low,  # the 95% bootstrap interval (200 resamples)
+        "fid_real_high": real_high,
         "kid_real": kid_real,
         "kid_real_std": kid_real_std,
         "fid_teacher": frechet_distance(ours, teacher),
+        "fid_teacher_low": teacher_low,
+        "fid_teacher_high": teacher_high,
         "kid_teacher": kid_teacher,
         "diversity": diversity(ours),
     }

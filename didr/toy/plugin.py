@@ -4,7 +4,8 @@
   trained-rewards folder of `train_toy_rewards`), toy_aesthetic and toy_utility (analytic; they accept and ignore
   `folder`, so one call builds any toy reward).
 - Fidelity features, toy_alignment: the alignment scorer's penultimate features against real images rendered for the
-  same prompts, and per image whether the scorer reads the prompt's shape / colour / position / background.
+  same prompts, and per image whether the scorer reads the prompt's shape / colour / position / background;
+  toy_random_conv: the random convolutional bank of didr/evaluation/random_features.py against the same renders.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor
 
 from didr.evaluation.features import FeatureContext, FeatureSet, batched, register_features
+from didr.evaluation.random_features import RandomConvFeatures
 from didr.rewards.base import Reward
 from didr.rewards.registry import register_reward
 from didr.toy.data import ATTRIBUTES, parse_prompt, render
@@ -73,3 +75,4 @@ def register() -> None:
     register_reward("toy_aesthetic", _aesthetic)
     register_reward("toy_utility", _utility)
     register_features("toy_alignment", AlignmentFeatures)
+    register_features("toy_random_conv", lambda context: RandomConvFeatures(context, real_images, "toy_random_conv"))
