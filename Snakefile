@@ -19,9 +19,11 @@ include: "workflow/rules/align.smk"
 include: "workflow/rules/sample.smk"
 include: "workflow/rules/score.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/export.smk"
 
 
 rule all:
     default_target: True
     input:
         REPORT_FILES,
+        [job.output for job in jobs.jobs(P, "export")],

@@ -20,6 +20,7 @@ import yaml
 
 from didr import jobs
 from didr.config import load_params
+from didr.evaluation import curves
 
 HEADER = """\
 # Generated from {params} by `python -m didr.dvc_pipeline --params {params} --out dvc.yaml`; do not edit.
@@ -38,6 +39,7 @@ FOREACH = {
         {"input.generator": "${item.model}", "params.generator": "${item.option}"},
     ),
     "score": (None, {}),  # a list of sample sets: ${item} is the set
+    "export": (None, {}),  # a list of run ids: ${item} is the run
 }
 
 
@@ -67,7 +69,8 @@ def pipeline(params_file: str) -> dict:
 
     def stage(job: jobs.Job) -> dict:
         deps = [path for value in job.input.values() for path in _paths(value)]
-        cmd = " ".join(job.command(params_file))
+        words = job.command(params_file)  # each word shell-quoted as the rules' {slot:q}; a ${...} is DVC's own
+        cmd = " ".join(word if "${" in word else jobs.shell_words(word) for word in words)
         return {"cmd": cmd, "deps": deps, "params": reads(job.stage.name), "outs": [job.output]}
 
     stages = {}
@@ -88,6 +91,16 @@ def pipeline(params_file: str) -> dict:
         "plots": [  # the Pareto data: fidelity against each held-out reward, one point per sample set
             {f"pareto_{reward}": {"template": "scatter", "x": "fid_real", "y": {table: f"{reward}_mean"}}}
             for reward in params.rewards.eval
+        ]
+        + [  # the training curves: a metric against step, a line per align run (the report's curves_<metric>.csv)
+            {
+                f"curves_{metric}": {
+                    "template": "linear",
+                    "x": "step",
+                    "y": {f"{reports}/{curves.table_name(metric)}": jobs.runs(params)},
+                }
+            }
+            for metric in curves.TABLES
         ],
     }
 

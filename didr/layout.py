@@ -48,6 +48,11 @@ def report_dir(experiment: str) -> Path:
     return Path("reports") / experiment
 
 
+def export_dir(experiment: str, run_id: str) -> Path:
+    """An align run as a diffusers pipeline folder (`didr export`)."""
+    return runs_dir(experiment) / "export" / run_id
+
+
 def log_file(experiment: str, stage: str, name: str | None = None) -> Path:
     return Path("logs") / experiment / (f"{stage}.log" if name is None else f"{stage}/{name}.log")
 

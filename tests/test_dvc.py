@@ -25,6 +25,7 @@ pytestmark = pytest.mark.integration  # DVC and Snakemake run the tiny DAG in su
 RUNS = ["method=didr/beta=0.5/seed=0", "method=dipp/alpha=2/seed=0"]  # tests/data/tiny_params.yaml's grid
 SETS = ["teacher", "warm-start", *RUNS]
 DOWNSTREAM_OF_SAMPLE = {f"{stage}@{name}" for stage in ("sample", "score") for name in SETS} | {"report"}
+DOWNSTREAM_OF_SAMPLE |= {f"export@{run}" for run in RUNS}  # an export reads its run's scores (the model card)
 ENV = {
     **environment(),
     "DVC_NO_ANALYTICS": "1",
@@ -50,7 +51,7 @@ def dvc_json(folder: Path, *args: str) -> dict:
 def snakemake_jobs(folder: Path, *args: str) -> dict[str, dict]:
     """The jobs `snakemake -n all` plans, named like DVC stages (rule@wildcard): shell command without its log
     redirection, input and output paths."""
-    result = run(folder, "snakemake", "all", "--dry-run", "--printshellcmds", *args)
+    result = run(folder, "snakemake", "all", "--dry-run", "--printshellcmds", "--cores", "2", *args)  # the threads
     jobs = {}
     for rule, block, shell in JOB.findall(result.stdout + result.stderr):
         fields = dict(line.strip().split(": ", 1) for line in block.splitlines())
@@ -110,7 +111,7 @@ def test_each_stage_is_its_snakemake_job_on_a_mixed_grid(tmp_path):
             for stage in repo.index.stages
         }
     jobs = snakemake_jobs(folder, "--forceall")
-    assert len(jobs) == 1 + 1 + 8 + 10 + 10 + 1
+    assert len(jobs) == 1 + 1 + 8 + 10 + 10 + 1 + 8  # ... report, an export per run
     assert "align@method=didr/beta=0.5/drs=hybrid/seed=1" in jobs
     assert sorted(stages) == sorted(jobs)
     for name, job in jobs.items():
@@ -126,7 +127,7 @@ def test_a_preset_is_the_params_file_of_every_stage(tmp_path):
     run(folder, "dvc", "init", "--no-scm", "-q")
     with Repo(str(folder)) as repo:
         stages = repo.index.stages
-        assert len(stages) == 1 + 1 + 39 + 41 + 41 + 1
+        assert len(stages) == 1 + 1 + 39 + 41 + 41 + 1 + 39  # ... report, an export per run
         for stage in stages:
             assert f"--params {preset} " in stage.cmd
             params = [(dep.def_path, dep.params) for dep in stage.deps if isinstance(dep, ParamsDependency)]
@@ -181,7 +182,8 @@ def test_metrics_and_plots_read_the_report(project):
     assert sorted(metrics) == labels
     assert all({"fid_real", "toy_preference_mean", "toy_utility_mean"} <= set(row) for row in metrics.values())
     plots = dvc_json(project, "plots", "show")["data"]
-    assert sorted(plots) == ["pareto_toy_preference", "pareto_toy_utility"]
+    curves = ["curves_drs_norm", "curves_grad_norm", "curves_loss", "curves_reward"]
+    assert sorted(plots) == [*curves, "pareto_toy_preference", "pareto_toy_utility"]
     for reward in ("toy_preference", "toy_utility"):
         content = plots[f"pareto_{reward}"][0]["content"]
         assert content["encoding"]["x"]["field"] == "fid_real"
@@ -206,7 +208,7 @@ def test_an_auditor_regenerates_a_byte_identical_report(project, clone):
     report = Path("reports") / "tiny"
     assert dvc_json(clone, "status") == {}
     originals = digests(project / report)
-    assert len(originals) == 7 and digests(clone / report) == originals
+    assert len(originals) == 7 + 2 + 4 + 1 and digests(clone / report) == originals  # + curves: 2 PNG, 4 CSV, md
     shutil.rmtree(clone / report)
     text = run(clone, "dvc", "repro", "--force", "--single-item", "report").stdout
     assert re.findall(r"^Running stage '(.+)':$", text, re.MULTILINE) == ["report"]

@@ -16,7 +16,9 @@ pytestmark = pytest.mark.integration  # Snakemake plans and runs the tiny DAG in
 
 def stage_counts(runs: int) -> dict[str, int]:
     """Jobs per rule for a grid of `runs` align runs: two reference sample sets besides the grid."""
-    return {"teacher": 1, "warmup": 1, "align": runs, "sample": runs + 2, "score": runs + 2, "report": 1, "all": 1}
+    sets = runs + 2
+    return {"teacher": 1, "warmup": 1, "align": runs, "sample": sets, "score": sets, "report": 1, "export": runs,
+            "all": 1}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -129,15 +131,15 @@ def test_changing_one_value_reruns_only_what_depends_on_it(finished):
         params = yaml.safe_load(original)
         params["grid"]["methods"]["didr"]["beta"].append(0.25)
         params_file.write_text(yaml.safe_dump(params))
-        assert planned_jobs(finished) == {"align": 1, "sample": 1, "score": 1, "report": 1, "all": 1}
+        assert planned_jobs(finished) == {"align": 1, "sample": 1, "score": 1, "report": 1, "export": 1, "all": 1}
         params = yaml.safe_load(original)
         params["sample"]["per_prompt"] = 3
         params_file.write_text(yaml.safe_dump(params))
-        assert planned_jobs(finished) == {"sample": 4, "score": 4, "report": 1, "all": 1}
+        assert planned_jobs(finished) == {"sample": 4, "score": 4, "report": 1, "export": 2, "all": 1}
         params = yaml.safe_load(original)
         params["align"]["steps"] = 5
         params_file.write_text(yaml.safe_dump(params))
-        assert planned_jobs(finished) == {"align": 2, "sample": 2, "score": 2, "report": 1, "all": 1}
+        assert planned_jobs(finished) == {"align": 2, "sample": 2, "score": 2, "report": 1, "export": 2, "all": 1}
     finally:
         params_file.write_text(original)
     assert planned_jobs(finished) == {}

@@ -1,3 +1,10 @@
+from didr.evaluation import curves
+from didr.grid import parse_run_id
+
+# the methods of the grid's runs: one figure of training curves each (the grid has at least one run)
+CURVE_METHODS = list(dict.fromkeys(parse_run_id(run).method for run in jobs.runs(P)))
+
+
 rule report:
     """Across the grid and the references: the metrics table, Pareto plots per reward, the image grid. Inputs
     (scores, samples: every sample set's) and command: didr/jobs.py's table; it runs on Snakemake's host."""
@@ -14,6 +21,13 @@ rule report:
             caption="../report/pareto.rst",
             category="Pareto fronts",
         ),
+        curves=report(
+            [f"{REPORTS}/{curves.figure_name(method)}" for method in CURVE_METHODS],
+            caption="../report/curves.rst",
+            category="Training curves",
+        ),
+        curve_tables=[f"{REPORTS}/{curves.table_name(metric)}" for metric in curves.TABLES],
+        curve_captions=f"{REPORTS}/curves.md",
     params:
         file=PARAMS_FILE,
         out=job_param("report", "out"),
