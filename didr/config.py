@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import itertools
 import json
 import re
 from collections.abc import Sequence
@@ -71,6 +72,18 @@ class RewardParams:
 
 
 @dataclass
+class GeneratorParams:
+    """The generator's sampler (docs/algorithm.md §8.1): steps K = 1 is the one-step generator at warmup.t_star;
+    K > 1 a FewStepGenerator with K network evaluations at `times` (default 1 - k / K), whose stochastic transitions
+    ('ddim', 'cps' or flow 'sde' at `eta`) the policy methods train; its deterministic forward trains under align."""
+
+    steps: int = 1
+    sampler: str = "ddim"
+    eta: float = 1.0
+    times: list[float] | None = None
+
+
+@dataclass
 class WarmupParams:
     """Fake-score warm-up on the un-aligned generator's samples."""
 
@@ -79,6 +92,26 @@ class WarmupParams:
     batch_size: int = 32
     lr: float = 1e-4
     generator_weights: dict[str, str] | None = None
+    generator: GeneratorParams = field(default_factory=GeneratorParams)
+
+
+@dataclass
+class PolicyParams:
+    """The policy methods' settings (sdpo, grpo; docs/algorithm.md §8.3-8.5): per epoch (align.steps epochs at
+    align.lr) `groups` prompts of `group_size` samples (SDPO: pairs), `inner_epochs` passes in minibatches of
+    `groups_per_update` groups. SubGRPO trains `train_steps` of the first `step_range` transitions per epoch."""
+
+    groups: int = 4
+    group_size: int = 16
+    groups_per_update: int | None = None
+    inner_epochs: int = 1
+    clip_range: float = 1e-4
+    adv_clip: float = 5.0
+    gamma: float = 0.99
+    buffer_size: int = 32
+    min_count: int = 16
+    train_steps: int | None = None
+    step_range: int | None = None
 
 
 @dataclass
@@ -95,10 +128,11 @@ class AlignParams:
     teacher_guidance: float = 3.0
     t_min: float = 0.02
     t_max_sampling: float = 0.98
-    drs: str = "tweedie"
-    drs_steps: int = 1
+    drs: str = "tweedie"  # the DRS proxy: tweedie, k-step, hybrid or curvature (docs/algorithm.md §5.4, §5.5)
+    drs_steps: int = 1  # K of k-step / hybrid; the curvature proxy's GMRES iterations
     drs_t_max: float = 0.5
     checkpoint_every: int = 100
+    policy: PolicyParams = field(default_factory=PolicyParams)
 
 
 @dataclass
@@ -121,6 +155,13 @@ class ScoreParams:
     reference: str | None = None
 
 
+@dataclass
+class ExportParams:
+    """`didr export`: the aligned LoRA merged into the network, or kept as adapters for `load_lora_weights`."""
+
+    lora: str = "merge"
+
+
 def default_grid() -> dict:
     return {"seeds": [0], "methods": {"didr": {"beta": [0.03]}}}
 
@@ -139,6 +180,7 @@ class Params:
     align: AlignParams = field(default_factory=AlignParams)
     sample: SampleParams = field(default_factory=SampleParams)
     score: ScoreParams = field(default_factory=ScoreParams)
+    export: ExportParams = field(default_factory=ExportParams)
     grid: dict = field(default_factory=default_grid)
 
 
@@ -261,6 +303,43 @@ def _world_mismatch(data: dict[str, Any]) -> str | None:
     return None
 
 
+def _generator_problem(data: dict[str, Any]) -> str | None:
+    """warmup.generator's times against its steps, the 'sde' sampler on a VP teacher, and the policy methods' needs
+    (stochastic transitions; SubGRPO's train_steps <= step_range <= K - 1; min_count <= buffer_size)."""
+    from didr.methods import policy_methods
+
+    g = {**dataclasses.asdict(GeneratorParams()), **data.get("warmup", {}).get("generator", {})}
+    key = "warmup.generator"
+    times = g["times"]
+    if times is not None:
+        if len(times) != g["steps"]:
+            return f"{key}.times: holds {len(times)} values, {key}.steps is {g['steps']}"
+        if any(b >= a for a, b in itertools.pairwise(times)):
+            return f"{key}.times: must decrease strictly, got {times}"
+    if g["sampler"] == "sde" and data.get("teacher", {}).get("kind", TeacherParams.kind) == "vp":
+        return f"{key}.sampler: 'sde' (Flow-GRPO) needs a flow teacher, teacher.kind is vp"
+    policy = {**dataclasses.asdict(PolicyParams()), **data.get("align", {}).get("policy", {})}
+    if policy["min_count"] > policy["buffer_size"]:
+        return "align.policy.min_count: must not exceed align.policy.buffer_size"
+    if policy["groups_per_update"] is not None and policy["groups_per_update"] > policy["groups"]:
+        return "align.policy.groups_per_update: must not exceed align.policy.groups"
+    for method in data.get("grid", {}).get("methods", {}):
+        if method not in policy_methods():
+            continue
+        if g["steps"] < 2:
+            return f"{key}.steps: {method} trains stochastic transitions and needs steps >= 2, got {g['steps']}"
+        if g["eta"] == 0:
+            return f"{key}.eta: {method} needs a stochastic sampler (eta > 0), got 0"
+        if method == "grpo" and policy["train_steps"] is not None:
+            limit = policy["step_range"] or g["steps"] - 1
+            if not policy["train_steps"] <= limit <= g["steps"] - 1:
+                return (
+                    f"align.policy.train_steps: need train_steps <= step_range <= {g['steps'] - 1} transitions, got "
+                    f"{policy['train_steps']}, {policy['step_range']}"
+                )
+    return None
+
+
 def load_params(path: str | Path, overrides: Sequence[str] = ()) -> Params:
     """Read and check a params file (YAML) against workflow/schemas/params.schema.yaml, after `overrides`;
     ConfigError names the file and the offending key in one line."""
@@ -279,6 +358,7 @@ def load_params(path: str | Path, overrides: Sequence[str] = ()) -> Params:
         a = {**dataclasses.asdict(AlignParams()), **data.get("align", {})}
         if not a["t_min"] < a["t_max_sampling"]:
             problem = "align.t_min: must be below align.t_max_sampling"
+        problem = problem or _generator_problem(data)
         problem = problem or _unknown_reward(data.get("rewards", {})) or _world_mismatch(data)
     if problem is not None:
         raise ConfigError(f"{path}: {problem}")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from didr.backbones.base import Denoiser
-    from didr.config import AlignParams
+    from didr.config import AlignParams, PolicyParams
     from didr.diffusion import UniformTime
     from didr.rewards.base import Reward
 
@@ -69,16 +69,39 @@ class ObjectiveInputs:
 
 
 @dataclass(frozen=True)
+class PolicyInputs:
+    """What a policy method (loop "policy") is built from: align.policy, the number of training prompts and the
+    generator's stochastic transitions (K - 1)."""
+
+    policy: PolicyParams
+    prompts: int
+    transitions: int
+
+    def settings(self, *keys: str) -> dict[str, Any]:
+        """The align.policy settings `keys`, as keyword arguments of the same names."""
+        return {key: getattr(self.policy, key) for key in keys}
+
+
+LOOPS = ("align", "policy")
+
+
+@dataclass(frozen=True)
 class Method:
-    """One alignment method. `objective` is "module:Class"; `settings` maps the inputs to the class's keyword
-    arguments (the strength aside: `build_objective` passes it as `strength.argument`); `strength` is None for a
-    method without one (its runs have no strength axis)."""
+    """One alignment method. `objective` is "module:Class"; `settings` maps the inputs (ObjectiveInputs for loop
+    "align", didr.training.loop.align; PolicyInputs for loop "policy", didr.training.rl.train_policy) to the class's
+    keyword arguments (the strength aside: `build_objective` passes it as `strength.argument`); `strength` is None
+    for a method without one (its runs have no strength axis)."""
 
     name: str
     objective: str
     help: str
-    settings: Callable[[ObjectiveInputs], dict[str, Any]]
+    settings: Callable[[Any], dict[str, Any]]
     strength: Strength | None = None
+    loop: str = "align"
+
+    def __post_init__(self) -> None:
+        if self.loop not in LOOPS:
+            raise ValueError(f"loop: unknown value {self.loop!r} of method {self.name}; choose one of {list(LOOPS)}")
 
     @property
     def axis(self) -> str | None:
@@ -140,6 +163,24 @@ METHODS: dict[str, Method] = {
             help="the reward alone, no distribution term (the reward-hacking reference)",
             settings=lambda i: {"teacher": i.teacher, "reward": i.reward},
         ),
+        Method(
+            name="sdpo",
+            objective="didr.objectives.sdpo:SDPO",
+            help="dense reward difference learning over the few-step generator's stochastic transitions (SDPO)",
+            settings=lambda i: {
+                "prompts": i.prompts,
+                "transitions": i.transitions,
+                **i.settings("gamma", "clip_range", "adv_clip", "buffer_size", "min_count"),
+            },
+            loop="policy",
+        ),
+        Method(
+            name="grpo",
+            objective="didr.objectives.grpo:GRPO",
+            help="group-relative policy optimisation of the final reward (Flow-GRPO; SubGRPO with train_steps)",
+            settings=lambda i: i.settings("group_size", "clip_range", "adv_clip", "train_steps", "step_range"),
+            loop="policy",
+        ),
     )
 }
 
@@ -159,10 +200,26 @@ def build_objective(
     ignored by a method without a strength), with the align settings it reads. `checkpoint` recomputes the proxy's
     decoder and reward in the backward pass (didr)."""
     m = get_method(method)
+    if m.loop != "align":
+        raise ValueError(f"method: {method} trains with the policy loop; build it with build_policy_method")
     kwargs = m.settings(ObjectiveInputs(teacher, fake, reward, align, checkpoint))
     if m.strength is not None:
         kwargs[m.strength.argument] = strength
     return m.objective_class()(**kwargs)
+
+
+def build_policy_method(method: str, policy: PolicyParams, prompts: int, transitions: int):
+    """The policy-gradient method `method` (loop "policy") with align.policy's settings, for `prompts` training
+    prompts and a generator with `transitions` stochastic transitions."""
+    m = get_method(method)
+    if m.loop != "policy":
+        raise ValueError(f"method: {method} trains with the align loop; build it with build_objective")
+    return m.objective_class()(**m.settings(PolicyInputs(policy, prompts, transitions)))
+
+
+def policy_methods() -> list[str]:
+    """The methods trained by the on-policy loop (didr/training/rl.py)."""
+    return [name for name, m in METHODS.items() if m.loop == "policy"]
 
 
 def grid_methods_schema() -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The package's layers: diffusion < backbones < generator, rewards < objectives < training < evaluation < stages.
+"""The package's layers: diffusion < backbones < generator, fewstep, rewards < objectives < training < evaluation <
+stages.
 
 A module imports only from its own layer or a lower one, lazily inside a function included; the generic registries
 and the score stage name no world (the toy world registers its rewards and features through didr/plugins.py)."""
@@ -15,10 +16,12 @@ LAYERS = {
     "didr.diffusion": 0,
     "didr.backbones": 1,
     "didr.generator": 2,
+    "didr.fewstep": 2,
     "didr.rewards": 2,
     "didr.objectives": 3,
     "didr.training": 4,
     "didr.evaluation": 5,
+    "didr.export": 5,
     "didr.stages": 6,
 }
 # what the stages read beside the layers; the teacher stage trains the embedded world's teacher and rewards

@@ -11,7 +11,7 @@ import yaml
 
 from didr.backbones.gaussian import GaussianDenoiser
 from didr.cli import build_parser
-from didr.config import SCHEMA, AlignParams
+from didr.config import SCHEMA, AlignParams, PolicyParams
 from didr.diffusion import VPSchedule, cosine_vp_config
 from didr.grid import Run, expand_grid, parse_run_id
 from didr.methods import (
@@ -20,10 +20,14 @@ from didr.methods import (
     ObjectiveInputs,
     Strength,
     build_objective,
+    build_policy_method,
     grid_methods_schema,
+    policy_methods,
     strength_axes,
 )
 from didr.objectives import DI, DIDR, DMD2, DIPlusPlus, RewardOnly
+from didr.objectives.grpo import GRPO
+from didr.objectives.sdpo import SDPO
 from didr.rewards.analytic import QuadraticReward
 
 SCHEDULE = VPSchedule.from_scheduler_config(cosine_vp_config())
@@ -36,6 +40,7 @@ EXPECTED = {
     "di": (DI, None),
     "reward_only": (RewardOnly, None),
 }
+POLICY = {"sdpo": SDPO, "grpo": GRPO}  # the on-policy loop's methods (didr/training/rl.py), no strength axis
 
 
 def models():
@@ -55,7 +60,7 @@ def test_the_schema_grid_and_command_line_name_the_registry_methods():
     assert align_action("--method").metavar == "{" + ",".join(METHODS) + "}"
     assert all(f"{name}: {m.help}" in align_action("--method").help for name, m in METHODS.items())
     assert strength_axes() in align_action("--strength").help
-    assert set(EXPECTED) == set(METHODS)
+    assert set(EXPECTED) | set(POLICY) == set(METHODS) and policy_methods() == list(POLICY)
 
 
 def test_the_grid_reads_each_methods_strength_axis():
@@ -71,7 +76,7 @@ def test_the_grid_reads_each_methods_strength_axis():
         Run("didrr", 1.0, 0)
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", list(EXPECTED))
 def test_the_factory_builds_each_methods_class_with_its_strength(name):
     cls, strength_of = EXPECTED[name]
     teacher, fake = models()
@@ -107,6 +112,25 @@ def test_a_new_method_is_one_registry_entry(monkeypatch):
     teacher, fake = models()
     objective = build_objective("rtdmd", 2.0, teacher, fake, REWARD, AlignParams())
     assert isinstance(objective, DMD2) and objective.reward_weight == 2.0 and objective.reward_hinge == 0.0
+
+
+def test_the_policy_factory_builds_sdpo_and_grpo_from_align_policy():
+    policy = PolicyParams(group_size=6, clip_range=2e-5, adv_clip=3.0, gamma=0.9, buffer_size=8, min_count=4,
+                          train_steps=1, step_range=2)  # fmt: skip
+    sdpo = build_policy_method("sdpo", policy, prompts=5, transitions=3)
+    assert type(sdpo) is SDPO and sdpo.group_size == 2  # SDPO samples pairs whatever group_size says
+    assert (sdpo.gamma, sdpo.clip_range, sdpo.adv_clip) == (0.9, 2e-5, 3.0)
+    assert sdpo.normaliser.values.shape == (5, 3, 8) and sdpo.normaliser.min_count == 4
+    grpo = build_policy_method("grpo", policy, prompts=5, transitions=3)
+    assert type(grpo) is GRPO
+    assert (grpo.group_size, grpo.clip_range, grpo.adv_clip, grpo.train_steps, grpo.step_range) == (6, 2e-5, 3.0, 1, 2)
+    teacher, fake = models()
+    with pytest.raises(ValueError, match="sdpo trains with the policy loop"):
+        build_objective("sdpo", 0.0, teacher, fake, REWARD, AlignParams())
+    with pytest.raises(ValueError, match="dmd2 trains with the align loop"):
+        build_policy_method("dmd2", policy, 5, 3)
+    with pytest.raises(ValueError, match="loop: unknown value 'offline'"):
+        Method("x", "didr.objectives.di:DI", "help", ObjectiveInputs.matching, loop="offline")
 
 
 def test_the_inputs_give_the_matching_arguments():

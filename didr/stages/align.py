@@ -5,19 +5,32 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import asdict
-from hashlib import sha256
+from hashlib import file_digest, sha256
 from pathlib import Path
+
+from torch import nn
 
 from didr.backbones.tuning import checkpoint_frozen_parts
 from didr.config import Params
 from didr.diffusion import UniformTime
+from didr.fewstep import FewStepGenerator
 from didr.grid import Run
-from didr.methods import build_objective
+from didr.methods import build_objective, build_policy_method, get_method
 from didr.objectives.fake_score import FakeScoreLoss
-from didr.stages.common import load_fake, load_generator, load_prompts, load_reward, load_teacher, pick_device
+from didr.stages.common import (
+    generator_record,
+    load_fake,
+    load_generator,
+    load_prompts,
+    load_reward,
+    load_teacher,
+    read_run_params,
+)
 from didr.stages.io import save_weights, write_text_atomic
 from didr.training.atomic import atomic_dir
+from didr.training.distributed import start_processes
 from didr.training.loop import align
+from didr.training.rl import train_policy
 
 
 def run_align(
@@ -29,14 +42,18 @@ def run_align(
     checkpoint_dir: Path | None = None,
     device: str = "auto",
     progress: bool = True,
+    accumulation: int = 1,
 ) -> None:
     """out/generator.safetensors (the EMA), out/fake.safetensors, out/metrics.parquet, out/params.json, written
     together when the run ends. Checkpoints go to `checkpoint_dir` (default out/../<name>.checkpoints), outside the
     output so that a scheduler that clears a failed job's output never loses them, in a sub-folder named by a digest
     of what the run trains with: a rerun with the same settings resumes from the latest checkpoint, a rerun after
-    a change starts afresh. `run` names the method, its strength and the seed; `params.align` already carries the
-    run's overrides."""
-    dev = pick_device(device)
+    a change starts afresh, and only what the run trains with is checked against a checkpoint (an edit elsewhere in
+    the params file, such as another run added to the grid, does not stop a retried run from resuming). `run` names
+    the method, its strength and the seed; `params.align` already carries the run's overrides. Under torchrun each
+    process computes its share of the batch in `accumulation` micro-batches, and the main process writes."""
+    processes = start_processes(device)
+    dev = processes.device
     teacher = load_teacher(teacher_dir, dev)
     if params.finetune.gradient_checkpointing:
         checkpoint_frozen_parts(teacher)
@@ -44,27 +61,54 @@ def run_align(
     generator, fake = load_generator(teacher, warmup_dir).train(), load_fake(teacher, warmup_dir)
     a = params.align
     method, strength, seed = run.method, run.strength, run.seed
-    objective = build_objective(method, strength, teacher, fake, reward, a, params.finetune.gradient_checkpointing)
+    policy = get_method(method).loop == "policy"
+    if policy and processes.world > 1:
+        raise ValueError(f"{method}: runs on one process only (--processes 1)")
     record = {
         "stage": "align", "method": method, "strength": strength, "seed": seed, "run": run.id,
-        "setting": run.setting, "params": asdict(params), "generator": {"t_star": generator.t_star},
+        "setting": run.setting, "params": asdict(params), "generator": generator_record(generator),
+        "processes": processes.world, "accumulation": accumulation,
     }  # fmt: skip
-    identity = json.dumps(
-        {"align": asdict(a), "finetune": asdict(params.finetune), "reward": params.rewards.train, "run": run.id},
-        sort_keys=True,
-    )
-    checkpoint_dir = (checkpoint_dir or out.with_name(out.name + ".checkpoints")) / sha256(
-        identity.encode()
-    ).hexdigest()[:12]
-    result = align(
-        generator, objective, load_prompts(teacher_dir, "train", dev), steps=a.steps, batch_size=a.batch_size,
-        fake=fake, fake_loss=FakeScoreLoss(fake, UniformTime(a.t_min, a.t_max_sampling)),
-        fake_updates=a.fake_updates, lr=a.lr, fake_lr=a.fake_lr, grad_clip=a.grad_clip, ema_decay=a.ema_decay,
-        seed=seed, checkpoint_dir=checkpoint_dir, checkpoint_every=a.checkpoint_every,
-        metrics_path=checkpoint_dir / "metrics.parquet", params=record, resume=True, progress=progress,
-    )  # fmt: skip
+    identity = {
+        "align": asdict(a), "finetune": asdict(params.finetune), "reward": params.rewards.train,
+        "reward_options": params.rewards.models.get(params.rewards.train), "run": run.id,
+        "teacher": read_run_params(teacher_dir)["params"]["teacher"],
+        "warm_start": {name: _file_digest(warmup_dir / name) for name in ("generator.safetensors", "fake.safetensors")},
+    }  # fmt: skip
+    digest = sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    checkpoint_dir = (checkpoint_dir or out.with_name(out.name + ".checkpoints")) / digest
+    prompts = load_prompts(teacher_dir, "train", dev)
+    if policy:  # the on-policy loop (§8.5) trains the generator's stochastic transitions; the fake stays as warmed
+        if not isinstance(generator, FewStepGenerator):
+            raise ValueError(f"warmup.generator.steps: {method} needs a few-step generator (steps >= 2), got 1")
+        train_policy(  # in place: the policy has no EMA
+            generator, build_policy_method(method, a.policy, len(prompts), generator.steps - 1), reward, prompts,
+            epochs=a.steps, groups=a.policy.groups, groups_per_update=a.policy.groups_per_update,
+            inner_epochs=a.policy.inner_epochs, lr=a.lr, grad_clip=a.grad_clip, seed=seed,
+            checkpoint_dir=checkpoint_dir, checkpoint_every=a.checkpoint_every, params=identity, resume=True,
+            metrics_path=checkpoint_dir / "metrics.parquet", progress=progress,
+        )  # fmt: skip
+        trained: nn.Module = generator
+    else:
+        objective = build_objective(method, strength, teacher, fake, reward, a, params.finetune.gradient_checkpointing)
+        trained = align(
+            generator, objective, prompts, steps=a.steps, batch_size=a.batch_size,
+            fake=fake, fake_loss=FakeScoreLoss(fake, UniformTime(a.t_min, a.t_max_sampling)),
+            fake_updates=a.fake_updates, lr=a.lr, fake_lr=a.fake_lr, grad_clip=a.grad_clip, ema_decay=a.ema_decay,
+            seed=seed, checkpoint_dir=checkpoint_dir, checkpoint_every=a.checkpoint_every,
+            metrics_path=checkpoint_dir / "metrics.parquet", params=identity, resume=True, progress=progress,
+            processes=processes, accumulation=accumulation,
+        ).ema  # fmt: skip
+    if not processes.main:
+        return
     with atomic_dir(out) as tmp:
-        save_weights(result.ema, tmp / "generator.safetensors")
+        save_weights(trained, tmp / "generator.safetensors")
         save_weights(fake, tmp / "fake.safetensors")
         shutil.copy2(checkpoint_dir / "metrics.parquet", tmp / "metrics.parquet")
         write_text_atomic(tmp / "params.json", json.dumps(record, indent=1))
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (the warm start's weights: a retrained teacher or warm-up is another run)."""
+    with path.open("rb") as f:
+        return file_digest(f, "sha256").hexdigest()

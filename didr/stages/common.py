@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from didr.backbones.adapter import DiffusersDenoiser
@@ -16,6 +17,7 @@ from didr.backbones.loading import load_denoiser
 from didr.backbones.tuning import add_lora, enable_gradient_checkpointing
 from didr.config import ScoreParams
 from didr.evaluation.features import FeatureContext, FeatureSet, build_features
+from didr.fewstep import FewStepGenerator
 from didr.generator import OneStepGenerator
 from didr.plugins import load_plugins
 from didr.rewards.base import Reward
@@ -52,7 +54,11 @@ def load_reward(name: str, teacher_dir: Path, device: torch.device, options: dic
     """A registered reward built with its options (rewards.models); a world's trained rewards (the toy ones) come
     from the teacher stage's rewards folder."""
     load_plugins()
-    reward = build_reward(name, folder=teacher_dir / "rewards", **(options or {}))
+    try:
+        reward = build_reward(name, folder=teacher_dir / "rewards", **(options or {}))
+    except (SafetensorError, OSError) as error:  # a truncated or missing weights file of a world's trained reward
+        reason = " ".join(str(error).split())
+        raise StageInputError(f"{teacher_dir / 'rewards'}: reward {name!r} cannot be loaded ({reason})") from None
     return reward.to(device) if isinstance(reward, nn.Module) else reward
 
 
@@ -103,11 +109,24 @@ def trainable(
     return copy.train()
 
 
-def new_generator(teacher: DiffusersDenoiser, params: dict[str, Any]) -> OneStepGenerator:
-    """The one-step generator at warmup.t_star: the teacher's network, or warmup.generator_weights, fine-tuned as
-    params.finetune says (`params` as a stage's params.json holds them)."""
+def new_generator(teacher: DiffusersDenoiser, params: dict[str, Any]) -> OneStepGenerator | FewStepGenerator:
+    """The generator of warmup.generator on the teacher's network, or warmup.generator_weights, fine-tuned as
+    params.finetune says (`params` as a stage's params.json holds them): the one-step generator at warmup.t_star
+    (steps 1, also for params.json files older than warmup.generator), else a K-step FewStepGenerator (§8.1)."""
     body = trainable(teacher, params["finetune"], params["warmup"]["generator_weights"])
-    return OneStepGenerator(body, t_star=params["warmup"]["t_star"])
+    settings = params["warmup"].get("generator") or {"steps": 1}
+    if settings["steps"] == 1:
+        return OneStepGenerator(body, t_star=params["warmup"]["t_star"])
+    return FewStepGenerator(body, settings["steps"], settings["eta"], settings["sampler"], settings["times"])
+
+
+def generator_record(generator: nn.Module) -> dict[str, Any]:
+    """What a stage's params.json says of its generator: steps (network evaluations per image), and t_star (one
+    step) or the sampler, eta and times (K steps)."""
+    if isinstance(generator, FewStepGenerator):
+        times = generator.times.tolist()
+        return {"steps": generator.steps, "sampler": generator.sampler, "eta": generator.eta, "times": times}
+    return {"steps": 1, "t_star": generator.t_star}
 
 
 def new_fake(teacher: DiffusersDenoiser, params: dict[str, Any]) -> DiffusersDenoiser:
@@ -116,7 +135,7 @@ def new_fake(teacher: DiffusersDenoiser, params: dict[str, Any]) -> DiffusersDen
 
 
 def load_generator(teacher: DiffusersDenoiser, run_dir: Path) -> nn.Module:
-    """The one-step generator saved by the warmup or align stage (rebuilt from its params, then its weights)."""
+    """The generator saved by the warmup or align stage (rebuilt from its params, then its weights)."""
     generator = new_generator(teacher, read_run_params(run_dir)["params"])
     load_weights(generator, run_dir / "generator.safetensors")
     return generator.eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from didr.evaluation.curves import write_curves
 from didr.evaluation.pareto import hypervolume, pareto_front
 from didr.evaluation.sampling import image_grid
 from didr.stages.common import read_run_params
@@ -37,12 +39,24 @@ def collect(score_dirs: list[Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def is_reference(methods: pd.Series) -> pd.Series:
+    """The reference sets (stars, no front): the teacher and the warm starts, one-step or "K-step (warm start)"."""
+    return methods.isin(REFERENCES) | methods.str.endswith("(warm start)")
+
+
+def with_nfe(table: pd.DataFrame, sample_dirs: list[Path]) -> pd.DataFrame:
+    """The table with each sample set's network evaluations per image (`nfe` of its sample folder's params.json,
+    matched by the folder its score names; empty for a set sampled before nfe was recorded)."""
+    nfe = {str(folder): read_run_params(folder).get("nfe") for folder in sample_dirs}
+    return table.assign(nfe=table["sample_dir"].map(nfe))
+
+
 def front_table(table: pd.DataFrame, reward: str, cost: str = "fid_real") -> pd.DataFrame:
     """Per method: its points, its Pareto front and its dominated hypervolume, all against one reference point
     (the worst cost and the worst reward over every set, references included)."""
     reference = (float(table[cost].max()) * 1.05, float(table[f"{reward}_mean"].min()))
     rows = []
-    for method, group in table[~table["method"].isin(REFERENCES)].groupby("method"):
+    for method, group in table[~is_reference(table["method"])].groupby("method"):
         points = list(zip(group[cost], group[f"{reward}_mean"], strict=True))
         rows.append(
             {
@@ -59,14 +73,14 @@ def front_table(table: pd.DataFrame, reward: str, cost: str = "fid_real") -> pd.
 def plot_front(table: pd.DataFrame, fronts: pd.DataFrame, reward: str, path: Path, cost: str = "fid_real") -> None:
     """Reward against FID: every set as a point, each method's front as a line, references as stars."""
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for method, group in table[~table["method"].isin(REFERENCES)].groupby("method"):
+    for method, group in table[~is_reference(table["method"])].groupby("method"):
         hv = float(fronts.loc[fronts["method"] == method, "hypervolume"].iloc[0])
         (line,) = ax.plot(group[cost], group[f"{reward}_mean"], "o", label=f"{method} (HV {hv:.3g})")
         front = fronts.loc[fronts["method"] == method, "front"].iloc[0]
         ax.plot([c for c, _ in front], [r for _, r in front], "-", color=line.get_color())
         for _, row in group.iterrows():
             ax.annotate(f"{row['strength']:g}", (row[cost], row[f"{reward}_mean"]), fontsize=7)
-    for _, row in table[table["method"].isin(REFERENCES)].iterrows():
+    for _, row in table[is_reference(table["method"])].iterrows():
         ax.plot(row[cost], row[f"{reward}_mean"], "*", markersize=12, label=row["method"])
     ax.set_xlabel(f"{cost} (lower is better)")
     ax.set_ylabel(f"{reward} (higher is better)")
@@ -118,9 +132,15 @@ def grid_figure(sample_dirs: list[Path], path: Path, columns: int = 12) -> None:
     plt.close(fig)
 
 
-def run_report(score_dirs: list[Path], sample_dirs: list[Path], rewards: list[str], out: Path) -> None:
-    """out/metrics.{parquet,csv,json}, out/fronts.csv, out/pareto_<reward>.png, out/grid.png."""
-    table = collect(score_dirs)
+def run_report(
+    score_dirs: list[Path], sample_dirs: list[Path], rewards: list[str], out: Path, run_dirs: Sequence[Path] = ()
+) -> None:
+    """out/metrics.{parquet,csv,json}, out/fronts.csv, out/pareto_<reward>.png, out/grid.png; with the align runs'
+    folders, their training curves: out/curves_<method>.png, out/curves/<metric>.csv and out/curves.md (captions)."""
+    table = with_nfe(collect(score_dirs), sample_dirs)
+    for folder in run_dirs:
+        if not (folder / "metrics.parquet").is_file():
+            raise StageInputError(f"--runs {folder}: no metrics.parquet (run `didr align` first)")
     with atomic_dir(out) as tmp:
         table.to_parquet(tmp / "metrics.parquet")
         table.to_csv(tmp / "metrics.csv", index=False)
@@ -132,3 +152,7 @@ def run_report(score_dirs: list[Path], sample_dirs: list[Path], rewards: list[st
         for reward in rewards:
             plot_front(table, fronts[fronts["reward"] == reward], reward, tmp / f"pareto_{reward}.png")
         grid_figure(sample_dirs, tmp / "grid.png")
+        figures = write_curves(list(run_dirs), tmp)
+        if figures:
+            captions = "".join(f"![{name}]({name})\n\n{text}\n\n" for name, text in figures)
+            write_text_atomic(tmp / "curves.md", f"# Training curves\n\n{captions}")

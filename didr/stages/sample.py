@@ -1,4 +1,4 @@
-"""Stage `sample`: evaluation images from a one-step generator, or from the teacher with N steps and CFG."""
+"""Stage `sample`: evaluation images from a one- or few-step generator, or from the teacher with N steps and CFG."""
 
 from __future__ import annotations
 
@@ -28,7 +28,10 @@ def run_sample(
 
     Image i of every sample set uses the same prompt and the same initial noise (drawn from `sample.seed`), so
     grids line up across methods. Without `generator_dir` the teacher samples with `sample.teacher_steps` steps
-    and CFG `sample.teacher_guidance` (the reference).
+    and CFG `sample.teacher_guidance` (the reference). A K-step generator (warmup.generator.steps K > 1) samples
+    with its deterministic K-step forward (§8.1) and its method reads "<method> (K-step)" ("K-step (warm start)"),
+    so the report's tables and Pareto plots show its step count; params.json records the network evaluations per
+    image (`nfe`).
     """
     dev = pick_device(device)
     teacher = load_teacher(teacher_dir, dev)
@@ -38,10 +41,16 @@ def run_sample(
     noise = torch.randn((len(index), *teacher.sample_shape), generator=torch.Generator().manual_seed(s.seed))
     if generator_dir is None:
         method, setting = "teacher", f"steps={s.teacher_steps},cfg={s.teacher_guidance}"
+        nfe = s.teacher_steps * (1 if s.teacher_guidance == 1 else 2)
     else:
         run = read_run_params(generator_dir)
-        method = run.get("method", "one-step (warm start)")
-        setting = run.get("setting", f"t_star={run['generator']['t_star']}")
+        nfe = run["generator"].get("steps", 1)
+        if nfe == 1:
+            method = run.get("method", "one-step (warm start)")
+            setting = run.get("setting", f"t_star={run['generator']['t_star']}")
+        else:
+            method = f"{run['method']} ({nfe}-step)" if "method" in run else f"{nfe}-step (warm start)"
+            setting = run.get("setting", f"{run['generator']['sampler']},eta={run['generator']['eta']}")
         generator = load_generator(teacher, generator_dir)
     rows = []
     with atomic_dir(out) as tmp, torch.no_grad():
@@ -68,6 +77,7 @@ def run_sample(
             "method": method,
             "setting": setting,
             "strength": strength,
+            "nfe": nfe,
             "params": asdict(params),
         }
         write_text_atomic(tmp / "params.json", json.dumps(record, indent=1))
