@@ -145,6 +145,33 @@ def load_latest_checkpoint(folder: str | Path, state: TrainingState) -> tuple[in
     return 0, None
 
 
+def check_checkpointing(
+    checkpoint_dir: str | Path | None, every: int, keep: int, resume: bool, params: dict[str, Any] | None
+) -> None:
+    """ValueError, before any work, for checkpoint settings a training loop cannot use (the two loops share them)."""
+    if every < 1 or keep < 1:
+        raise ValueError(f"checkpoint_every, keep_checkpoints must be >= 1, got {every}, {keep}")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir")
+    try:
+        json.dumps(params)
+    except TypeError as error:
+        raise ValueError(f"params must be JSON-serialisable: {error}") from error
+
+
+def resume_from(checkpoint_dir: str | Path | None, state: TrainingState, resume: bool) -> tuple[int, Path | None]:
+    """(the step to start at, the checkpoint it was loaded from): with `resume`, the newest intact checkpoint of
+    `checkpoint_dir` loaded into `state`; (0, None) where there is none. ValueError if the folder holds checkpoints
+    but not `resume`, so that no run overwrites another's."""
+    found = [] if checkpoint_dir is None else list_checkpoints(checkpoint_dir)
+    if not found:
+        return 0, None
+    if not resume:
+        raise ValueError(f"checkpoint_dir {checkpoint_dir} holds checkpoints ({found[-1].name}): pass resume=True")
+    assert checkpoint_dir is not None  # found lists its checkpoints
+    return load_latest_checkpoint(checkpoint_dir, state)
+
+
 def checksum(flat: Mapping[str, Tensor], metadata: Mapping[str, str]) -> str:
     """sha256 over the metadata (but its own "sha256" entry) and each tensor's name, dtype, shape and bytes."""
     digest = hashlib.sha256(json.dumps({k: v for k, v in metadata.items() if k != "sha256"}, sort_keys=True).encode())

@@ -9,7 +9,6 @@ CPU, logs every step's scalars to parquet, shows a progress bar and stops cleanl
 from __future__ import annotations
 
 import copy
-import json
 import math
 import sys
 import time
@@ -28,10 +27,10 @@ from didr.objectives.fake_score import FakeScoreLoss
 from didr.training.checkpoint import (
     Preempted,
     TrainingState,
+    check_checkpointing,
     check_finite,
     checkpoint_path,
-    list_checkpoints,
-    load_latest_checkpoint,
+    resume_from,
     save_checkpoint,
 )
 from didr.training.distributed import Processes, check_batch
@@ -151,14 +150,7 @@ def align(
         raise ValueError(f"lr_schedule: unknown value {lr_schedule!r}; choose 'constant' or 'cosine'")
     if not 0 <= ema_decay < 1:
         raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay}")
-    if checkpoint_every < 1 or keep_checkpoints < 1:
-        raise ValueError(f"checkpoint_every, keep_checkpoints must be >= 1, got {checkpoint_every}, {keep_checkpoints}")
-    if resume and checkpoint_dir is None:
-        raise ValueError("resume=True needs checkpoint_dir")
-    try:
-        json.dumps(params)
-    except TypeError as error:
-        raise ValueError(f"params must be JSON-serialisable: {error}") from error
+    check_checkpointing(checkpoint_dir, checkpoint_every, keep_checkpoints, resume, params)
     device = next(generator.parameters()).device
     processes = processes or Processes(device)
     micro = check_batch(batch_size, processes.world, accumulation)
@@ -196,14 +188,8 @@ def align(
         identity={"method": type(objective).__name__, "params": params or {}, "loop": loop},
     )
     log = MetricsLog(metrics_path if processes.main else None)
-    start, last = 0, None
-    found = [] if checkpoint_dir is None else list_checkpoints(checkpoint_dir)
-    if found and not resume:
-        raise ValueError(f"checkpoint_dir {checkpoint_dir} holds checkpoints ({found[-1].name}): pass resume=True")
-    if found:
-        assert checkpoint_dir is not None  # found lists its checkpoints
-        start, last = load_latest_checkpoint(checkpoint_dir, state)  # the newest intact one, skipping damaged ones
-        log.resume(start)
+    start, last = resume_from(checkpoint_dir, state, resume)  # the newest intact checkpoint, skipping damaged ones
+    log.resume(start)
     processes.barrier()  # every process has read the checkpoint before the main one may write the next
     result = AlignmentResult(generator, ema, log.rows)
 

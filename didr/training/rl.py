@@ -12,7 +12,6 @@ checkpoint and raise Preempted, and `progress` shows a tqdm bar.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from didr.backbones.base import Conditioning
 from didr.fewstep import Policy, Trajectory
 from didr.objectives.grpo import Score
 from didr.rewards.base import Reward
-from didr.training.checkpoint import Preempted, TrainingState, list_checkpoints, load_checkpoint, save_checkpoint
+from didr.training.checkpoint import Preempted, TrainingState, check_checkpointing, resume_from, save_checkpoint
 from didr.training.metrics_log import MetricsLog
 from didr.training.preemption import stop_on_signals
 
@@ -120,14 +119,7 @@ def train_policy(
             "epochs, groups, inner_epochs must be >= 1 and groups_per_update in [1, groups], got "
             f"{epochs}, {groups}, {inner_epochs}, {groups_per_update}"
         )
-    if checkpoint_every < 1 or keep_checkpoints < 1:
-        raise ValueError(f"checkpoint_every, keep_checkpoints must be >= 1, got {checkpoint_every}, {keep_checkpoints}")
-    if resume and checkpoint_dir is None:
-        raise ValueError("resume=True needs checkpoint_dir")
-    try:
-        json.dumps(params)
-    except TypeError as error:
-        raise ValueError(f"params must be JSON-serialisable: {error}") from error
+    check_checkpointing(checkpoint_dir, checkpoint_every, keep_checkpoints, resume, params)
     method.check(generator)
     trained: dict[str, Tensor] = {n: p for n, p in generator.named_parameters() if p.requires_grad}
     device = next(iter(trained.values())).device
@@ -145,14 +137,8 @@ def train_policy(
         identity={"method": type(method).__name__, "params": params or {}, "loop": loop},
     )
     log = MetricsLog(metrics_path)
-    start, last = 0, None
-    found = [] if checkpoint_dir is None else list_checkpoints(checkpoint_dir)
-    if found and not resume:
-        raise ValueError(f"checkpoint_dir {checkpoint_dir} holds checkpoints ({found[-1].name}): pass resume=True")
-    if found:
-        last = found[-1]
-        start = load_checkpoint(last, state)
-        log.resume(start)
+    start, last = resume_from(checkpoint_dir, state, resume)  # the newest intact checkpoint, skipping damaged ones
+    log.resume(start)
     size = method.group_size
     bar = tqdm(total=epochs, initial=start, desc="policy", file=sys.stderr, disable=not progress)
     with stop_on_signals(enabled=checkpoint_dir is not None) as stop, bar:
