@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from didr.config import Params
 from didr.diffusion import UniformTime
 from didr.objectives.fake_score import FakeScoreLoss
@@ -28,6 +30,7 @@ def run_warmup(
     teacher = load_teacher(teacher_dir, dev)
     prompts = load_prompts(teacher_dir, "train", dev)
     w, a = params.warmup, params.align
+    torch.manual_seed(params.seed)  # the LoRA adapters' random initialisation, the same in every process and call
     generator, fake = new_generator(teacher, asdict(params)).eval(), new_fake(teacher, asdict(params))
     losses = warm_up_fake(
         generator, fake, prompts, steps=w.steps, batch_size=w.batch_size, lr=w.lr,
