@@ -44,8 +44,9 @@ lint-snakefmt: $(STAMP)
 lint-mypy: $(STAMP)
 	$(VENV)/bin/mypy
 
-# The whole suite (its 30 slowest tests listed at the end), about 30 minutes on 2 cores. Where SLURM is not installed the SLURM tests skip, saying so, unless
-# DIDR_INSTALL_SLURM=1 (or DIDR_REQUIRE_SLURM=1, as CI sets) has them install it with apt-get.
+# The whole suite (its 30 slowest tests listed at the end), about 25 minutes on 2 cores. Where SLURM is not
+# installed the SLURM tests skip, saying so, unless DIDR_INSTALL_SLURM=1 (or DIDR_REQUIRE_SLURM=1, as CI sets) has
+# them install it with apt-get.
 test: $(STAMP)
 	$(PYTEST) --durations=30
 
