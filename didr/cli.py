@@ -287,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from didr.training.checkpoint import PREEMPTED_EXIT_CODE, Preempted
     from didr.training.lock import LockedError
+    from didr.training.preemption import raise_if_interrupted
 
     try:
         return int(args.run(args))
@@ -294,9 +295,24 @@ def _run(args: argparse.Namespace) -> int:
         print(f"didr {args.command}: {'preempted, ' if isinstance(stop, Preempted) else ''}{stop}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
     except (ValueError, FloatingPointError, OSError) as error:  # OSError names its file (disk full, permissions)
+        raise_if_interrupted()  # the error may be a signal's, disguised by the library it interrupted
         print(f"didr {args.command}: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
 
 
+def program() -> None:
+    """The `didr` program: main(), then exit with its status. Once main has returned, whatever it did is whole, and
+    stop signals are ignored: in the interpreter's teardown (torch's exit hooks take a fraction of a second) Python's
+    defaults would turn a finished command into death by the signal (exit -2 or -15) or a traceback."""
+    import signal
+
+    from didr.training.preemption import SIGNALS
+
+    code = main()
+    for signum in SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    program()

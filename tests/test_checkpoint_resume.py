@@ -6,6 +6,7 @@ test_sigterm_checkpoints_and_exits_75: the Gaussian run below, mapping Preempted
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -38,6 +39,7 @@ from didr.training.checkpoint import (
     save_checkpoint,
 )
 from didr.training.loop import align
+from didr.training.preemption import Interrupted, raise_on_signals
 
 SCHEDULE = VPSchedule.from_scheduler_config(cosine_vp_config())
 TIMES = UniformTime(0.02, 0.98)
@@ -407,3 +409,21 @@ if __name__ == "__main__":
     except Preempted as stop:
         print(f"preempted {stop.step} {stop.checkpoint}", flush=True)
         sys.exit(PREEMPTED_EXIT_CODE)
+
+
+def test_a_stop_signal_while_reading_a_checkpoint_stops_the_command_and_never_condemns_the_file(tmp_path):
+    """Under the command line's raise_on_signals, SIGUSR1 from another process at random moments of a checkpoint
+    read (2000 tensors) ends as Interrupted, never as DamagedCheckpointError for an intact file: safetensors turns the
+    handler's Interrupted into ValueError('could not determine the shape ...')."""
+    tensors = {f"layer{i}": torch.randn(32, 32) for i in range(2000)}
+    state = TrainingState({"generator": tensors}, {}, torch.Generator().manual_seed(0), {"run": "signals"})
+    save_checkpoint(tmp_path, 1, state, keep=1)
+    started = time.perf_counter()
+    assert load_latest_checkpoint(tmp_path, state)[0] == 1
+    read_seconds = time.perf_counter() - started
+    rng, command = random.Random(0), "sleep {:.4f}; kill -USR1 {}"
+    for _ in range(30):
+        with pytest.raises(Interrupted, match="SIGUSR1"), raise_on_signals():
+            sender = subprocess.Popen(["sh", "-c", command.format(rng.uniform(0, read_seconds), os.getpid())])
+            while sender.poll() is None:
+                load_latest_checkpoint(tmp_path, state)

@@ -1,8 +1,11 @@
 """The `didr` command line: the demo writes its table and its parameters, and bad input fails cleanly."""
 
 import json
+import signal
 import subprocess
 import sys
+
+import pytest
 
 from didr.cli import main
 
@@ -31,3 +34,16 @@ def test_unknown_schedule_is_rejected_before_any_work(tmp_path):
     assert run.returncode == 2
     assert "--schedules" in run.stderr and "'ve'" in run.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_in_the_interpreters_teardown_leaves_the_commands_exit_status(tmp_path, signum):
+    """The `didr` program once main has returned (here: bad params, exit 2): an exit hook that sends the process a
+    stop signal and waits would otherwise end it by the signal (-15, -2) or print a KeyboardInterrupt traceback."""
+    hook = f"atexit.register(lambda: (os.kill(os.getpid(), {int(signum)}), time.sleep(0.5)))"
+    params = tmp_path / "missing.yaml"
+    argv = ["didr", "warmup", "--params", str(params), "--out", str(tmp_path / "out"), "--teacher", str(tmp_path)]
+    script = f"import atexit, os, sys, time; {hook}; sys.argv = {argv!r}; from didr.cli import program; program()"
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.count("\n") == 1 and str(params) in run.stderr

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from didr.training.atomic import save_tensors
-from didr.training.preemption import PREEMPTED_EXIT_CODE  # noqa: F401 (re-exported: callers import it from here)
+from didr.training.preemption import PREEMPTED_EXIT_CODE, raise_if_interrupted  # noqa: F401 (the code: re-exported)
 
 FORMAT = "didr-align-checkpoint/1"
 NAME = re.compile(r"step-(\d+)\.safetensors")
@@ -213,6 +213,7 @@ def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         with safe_open(path, "pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118 (not a dict)
     except Exception as error:  # safetensors' own error types, or OSError
+        raise_if_interrupted()  # a stop signal's Interrupted, disguised by safetensors: the file may well be intact
         reason = " ".join(str(error).split())
         raise DamagedCheckpointError(f"checkpoint {path} is unreadable (corrupt or truncated): {reason}") from error
 

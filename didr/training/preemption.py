@@ -62,6 +62,9 @@ def stop_on_signals(enabled: bool = True) -> Iterator[StopRequest]:
         yield request
 
 
+_ARRIVED: list[str] = []  # the stop signals raise_on_signals' handler received in its block
+
+
 @contextmanager
 def raise_on_signals() -> Iterator[None]:
     """Raise Interrupted on SIGTERM / SIGUSR1 / SIGINT in the block (main thread only); restore the handlers after."""
@@ -70,10 +73,20 @@ def raise_on_signals() -> Iterator[None]:
         return
 
     def interrupt(signum: int, frame: object) -> None:
-        raise Interrupted(signal.Signals(signum).name)
+        _ARRIVED.append(signal.Signals(signum).name)
+        raise Interrupted(_ARRIVED[0])
 
+    _ARRIVED.clear()
     with _handling(interrupt):
         yield
+
+
+def raise_if_interrupted() -> None:
+    """Raise Interrupted if a stop signal arrived in raise_on_signals' block. Call it before turning an error into a
+    message: a C extension running when the handler raised (safetensors, torch) replaces Interrupted by an error of
+    its own (ValueError: could not determine the shape of object type 'torch.storage.UntypedStorage')."""
+    if _ARRIVED:
+        raise Interrupted(_ARRIVED[0])
 
 
 @contextmanager
