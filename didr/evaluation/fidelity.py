@@ -21,16 +21,37 @@ def frechet_from_statistics(mean_a: Tensor, cov_a: Tensor, mean_b: Tensor, cov_b
     return float(((mean_a - mean_b) ** 2).sum() + cov_a.trace() + cov_b.trace() - 2 * inner)
 
 
-def _statistics(feats: Tensor) -> tuple[Tensor, Tensor]:
-    feats = feats.double()
+def _checked(feats: Tensor) -> Tensor:
+    """The features in float64; ValueError unless they are [N >= 2, D]."""
     if feats.ndim != 2 or feats.shape[0] < 2:
         raise ValueError(f"features must be [N >= 2, D], got {tuple(feats.shape)}")
+    return feats.double()
+
+
+def _statistics(feats: Tensor) -> tuple[Tensor, Tensor]:
+    feats = _checked(feats)
     return feats.mean(0), torch.cov(feats.T).reshape(feats.shape[1], feats.shape[1])
 
 
+def _centred(feats: Tensor) -> Tensor:
+    """A = (F - mean F) / sqrt(N - 1), so that A^T A is the unbiased covariance."""
+    feats = _checked(feats)
+    return (feats - feats.mean(0)) / (feats.shape[0] - 1) ** 0.5
+
+
 def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
-    """FID: the Frechet distance between Gaussians fitted to two feature sets (unbiased covariances)."""
-    return frechet_from_statistics(*_statistics(feats_a), *_statistics(feats_b))
+    """FID: the Frechet distance between Gaussians fitted to two feature sets (unbiased covariances).
+
+    For sets no larger than the feature dimension it is computed in sample space: with S_a = A^T A, S_b = B^T B
+    (`_centred`), the non-zero eigenvalues of S_a S_b are the squared singular values of A B^T, so
+    tr (S_a S_b)^(1/2) = ||A B^T||_* and tr S = ||A||_F^2: O(N^2 D) instead of O(D^3) (8 images of 2048 Inception
+    features: milliseconds instead of seconds, which the bootstrap interval pays 200 times)."""
+    if max(len(feats_a), len(feats_b)) > feats_a.shape[-1]:
+        return frechet_from_statistics(*_statistics(feats_a), *_statistics(feats_b))
+    a, b = _centred(feats_a), _centred(feats_b)
+    inner = torch.linalg.svdvals(a @ b.T).sum()
+    mean_gap = ((feats_a.double().mean(0) - feats_b.double().mean(0)) ** 2).sum()
+    return float(mean_gap + (a**2).sum() + (b**2).sum() - 2 * inner)
 
 
 def kernel_distance(
