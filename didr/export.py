@@ -1,17 +1,21 @@
-"""An aligned one-step generator as a diffusers pipeline folder that diffusers loads alone (docs/export.md).
+"""An aligned generator as a diffusers pipeline folder that diffusers loads alone (docs/export.md).
 
-The generator is x0 = D_theta(z, t*, c), z unit Gaussian fed unscaled as x_{t*} (docs/algorithm.md §2.1). One step of
-a stock diffusers scheduler from noise level t* to 0 computes the same x0 with the aligned network:
+The one-step generator is x0 = D_theta(z, t*, c), z unit Gaussian fed unscaled as x_{t*} (docs/algorithm.md §2.1);
+the K-step generator's deterministic sampler feeds z as x at t_0 and joins its K predictions at t_0 > ... > t_{K-1}
+by DDIM (VP) or Euler (flow) steps to the next time, returning the last prediction (§8.1, std = 0). Stock diffusers
+schedulers over the same times compute the same images with the aligned network:
 
-- VP (UNet pipelines): EulerDiscreteScheduler over the teacher's betas, called with sigmas = [s/a at t*, 0] and
-  "leading" spacing. It scales the initial latents by sqrt(sigma^2 + 1) and the network input back by the same, so
-  the network sees z; it feeds the timestep its own log-sigma interpolation gives, t* (T - 1) to float32 precision;
-  its step x0 = sample - sigma eps (eps) or a z - s v (v) is the adapter's x0 (docs/algorithm.md §1).
-- Flow (SD3 pipelines): FlowMatchEulerDiscreteScheduler without shift, called with sigmas = [t*]: the network sees z
-  at timestep 1000 t*, and the Euler step to 0 is z - t* v = x0.
+- VP (UNet and PixArt pipelines): EulerDiscreteScheduler over the teacher's betas, called with sigmas =
+  [s/a at t_0, ..., s/a at t_{K-1}, 0] and "leading" spacing. It scales the initial latents by sqrt(sigma_0^2 + 1)
+  and each network input back by sqrt(sigma^2 + 1) = 1 / a, so the network sees x; it feeds the timestep its own
+  log-sigma interpolation gives, t (T - 1) to float32 precision; its step in x / a is DDIM's, and the last one, to
+  sigma 0, returns its pred_original_sample, the adapter's x0 = (x - s eps) / a or a x - s v (§1).
+- Flow (SD3, FLUX, Z-Image pipelines): FlowMatchEulerDiscreteScheduler without shift, called with sigmas =
+  [t_0, ..., t_{K-1}]: the network sees x at timestep 1000 t, and its Euler steps x + (t' - t) v end at 0 in
+  x - t v = x0.
 
-Guidance 1 (the generator's) turns the pipelines' classifier-free guidance off. The other families (PixArt, FLUX,
-Z-Image) are refused: their exactness is untested.
+The call turns classifier-free guidance off (the generator has none: guidance_scale 1, Z-Image's 0) and passes what
+makes each pipeline encode prompts and size latents as the adapter does (pipeline_arguments).
 """
 
 from __future__ import annotations
@@ -27,14 +31,27 @@ import yaml
 from torch import Tensor, nn
 
 from didr.diffusion import Schedule, VPSchedule
+from didr.fewstep import FewStepGenerator
+from didr.generator import OneStepGenerator
 
 NETWORK = {  # the pipeline classes an export supports, and the name of their denoising network
     "StableDiffusionPipeline": "unet",
     "StableDiffusionXLPipeline": "unet",
     "StableDiffusion3Pipeline": "transformer",
+    "PixArtAlphaPipeline": "transformer",
+    "FluxPipeline": "transformer",
+    "ZImagePipeline": "transformer",
+}
+PADDED_PROMPTS = ("StableDiffusion3Pipeline", "PixArtAlphaPipeline", "FluxPipeline", "ZImagePipeline")  # pad T5 /
+# Qwen tokens to the call's max_sequence_length, where the adapter pads to min(the tokenizer's window, its cap)
+DEFAULT_SIZE = ("FluxPipeline", "ZImagePipeline")  # draw 1024 px unless told, not the network's own size
+FIXED_ARGUMENTS: dict[str, dict[str, Any]] = {
+    "PixArtAlphaPipeline": {"clean_caption": False, "use_resolution_binning": False},  # no caption rewriting, no
+    # resizing to an aspect-ratio bin (which also refuses sample sizes other than 256-1024 px)
+    "ZImagePipeline": {"guidance_scale": 0.0},  # its CFG is pos + w (pos - neg): w = 0 is one conditional pass
 }
 LORA_MODES = ("merge", "keep")
-CALL_FILE = "one_step_call.json"  # the call arguments that reproduce the one-step sampler
+CALL_FILE = "sampler_call.json"  # the call arguments that reproduce the generator's sampler
 
 
 def check_pipeline(pipeline_class: str, source: str) -> str:
@@ -44,39 +61,52 @@ def check_pipeline(pipeline_class: str, source: str) -> str:
     return NETWORK[pipeline_class]
 
 
-def one_step_scheduler(config: Mapping[str, Any], schedule: Schedule, t_star: float) -> tuple[Any, dict[str, Any]]:
-    """The scheduler of the exported pipeline and the call arguments under which its one step is the generator's
-    x0 = D(z, t*, c) (the module docstring)."""
+def generator_times(generator: OneStepGenerator | FewStepGenerator) -> list[float]:
+    """The times the generator evaluates its network at, in the float32 it feeds them in: [t*] for one step,
+    t_0 > ... > t_{K-1} for K steps (docs/algorithm.md §2.1, §8.1)."""
+    times = generator.times if isinstance(generator, FewStepGenerator) else torch.tensor([generator.t_star])
+    return times.float().tolist()
+
+
+def sampler_scheduler(
+    config: Mapping[str, Any], schedule: Schedule, times: Sequence[float]
+) -> tuple[Any, dict[str, Any]]:
+    """The scheduler of the exported pipeline and the call arguments under which its steps over `times` are the
+    generator's deterministic sampler (the module docstring)."""
     from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
-    t = torch.tensor([t_star], dtype=torch.float32)  # the generator's time, in its dtype
+    t = torch.tensor(list(times), dtype=torch.float32)  # the generator's times, in its dtype
     if isinstance(schedule, VPSchedule):
         scheduler = EulerDiscreteScheduler.from_config(
             config, timestep_spacing="leading", interpolation_type="linear", final_sigmas_type="zero",
             use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False, timestep_type="discrete",
         )  # fmt: skip
         a, s = schedule.alpha_sigma(t)
-        sigmas = [float(s / a), 0.0]
+        sigmas = [*(s / a).tolist(), 0.0]
     else:
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(
             config, shift=1.0, use_dynamic_shifting=False, invert_sigmas=False, shift_terminal=None,
-            use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
+            use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False, stochastic_sampling=False,
         )  # fmt: skip
-        sigmas = [float(t)]
-    return scheduler, {"num_inference_steps": 1, "guidance_scale": 1.0, "sigmas": sigmas}
+        sigmas = t.tolist()
+    return scheduler, {"num_inference_steps": len(t), "guidance_scale": 1.0, "sigmas": sigmas}
 
 
-def text_arguments(pipeline_class: str, towers: list[Any]) -> dict[str, Any]:
-    """Call arguments under which the pipeline encodes prompts as the adapter does (didr/backbones/loading.py): SD3
-    pads T5 to max_sequence_length (256 unless given) where the adapter reads min(the tokenizer's window, 256).
-    ValueError for an SD3 pipeline without T5, which diffusers fills with zero tokens the adapter does not add."""
-    if pipeline_class != "StableDiffusion3Pipeline":
-        return {}
-    t5 = [tower for tower in towers if not tower.is_clip]
-    if not t5:
-        raise ValueError(f"{pipeline_class} without text_encoder_3: diffusers appends zero T5 tokens that didr's "
-                         "adapter does not, so no call reproduces the sampler")  # fmt: skip
-    return {"max_sequence_length": t5[0].window}
+def pipeline_arguments(pipeline_class: str, towers: list[Any], pixels: tuple[int, int]) -> dict[str, Any]:
+    """Call arguments under which the pipeline encodes prompts and sizes latents as the adapter does
+    (didr/backbones/loading.py): the T5 / Qwen window as max_sequence_length, the sample's `pixels` (H, W) as
+    height and width where the pipeline's default is 1024, FIXED_ARGUMENTS. ValueError for an SD3 pipeline without
+    T5, which diffusers fills with zero tokens the adapter does not add."""
+    arguments: dict[str, Any] = dict(FIXED_ARGUMENTS.get(pipeline_class, {}))
+    if pipeline_class in PADDED_PROMPTS:
+        padded = [tower for tower in towers if not tower.is_clip]
+        if not padded:
+            raise ValueError(f"{pipeline_class} without text_encoder_3: diffusers appends zero T5 tokens that "
+                             "didr's adapter does not, so no call reproduces the sampler")  # fmt: skip
+        arguments["max_sequence_length"] = padded[0].window
+    if pipeline_class in DEFAULT_SIZE:
+        arguments["height"], arguments["width"] = pixels
+    return arguments
 
 
 def absent_components(folder: Path) -> dict[str, None]:
@@ -139,7 +169,7 @@ def params_digest(params: Mapping[str, Any]) -> str:
 def usage_snippet(
     folder: str, prompt: str, call: Mapping[str, Any], lora: bool, absent: Sequence[str], pixels: bool
 ) -> str:
-    """Python that loads the folder with diffusers alone and draws one image with the one-step call; `absent`: the
+    """Python that loads the folder with diffusers alone and draws one image with the sampler's call; `absent`: the
     required components the folder has none of (passed as None); a pipeline without a VAE returns its pixel
     samples in [-1, 1] as "latents"."""
     head = "import torch\nfrom diffusers import DiffusionPipeline\n\n"
@@ -161,11 +191,17 @@ def usage_snippet(
 def model_card(meta: dict[str, Any], snippet: str, title: str) -> str:
     """README.md: YAML metadata, a short description and the usage snippet."""
     front = yaml.safe_dump(meta, sort_keys=False, width=120)
+    steps = meta["didr"]["steps"]
+    sampler = (
+        f"One scheduler step from noise level t* = {meta['didr']['t_star']}"
+        if steps == 1
+        else f"{steps} deterministic scheduler steps at times {meta['didr']['times']}"
+    )
     return (
         f"---\n{front}---\n\n# {title}\n\n"
-        f"A one-step generator aligned by didr ({meta['didr']['method']}, {meta['didr']['setting']}) from "
-        f"{meta['base_model']}. One scheduler step from noise level t* = {meta['didr']['t_star']} reproduces didr's "
-        f"sampler; the call arguments are in `{CALL_FILE}`. Metrics: the run's row of didr's report.\n\n"
+        f"A {steps}-step generator aligned by didr ({meta['didr']['method']}, {meta['didr']['setting']}) from "
+        f"{meta['base_model']}. {sampler} reproduces didr's sampler; the call arguments are in `{CALL_FILE}`. "
+        "Metrics: the run's row of didr's report.\n\n"
         f"```python\n{snippet}```\n"
     )
 
@@ -185,6 +221,9 @@ def write_export(
     if lora not in LORA_MODES:
         raise ValueError(f"export.lora: unknown value {lora!r}; choose one of {list(LORA_MODES)}")
     key = check_pipeline(type(pipe).__name__, "export")
+    if lora == "keep" and not hasattr(pipe, "load_lora_weights"):
+        raise ValueError(f"export.lora: keep needs a pipeline that loads LoRAs; {type(pipe).__name__} has no "
+                         "load_lora_weights (use merge)")  # fmt: skip
     adapters = lora_layers(network) if lora == "keep" else None  # checked before anything is written
     weights = base_state(network) if adapters is not None else merged_state(network)
     pipe.register_modules(**{key: plain_network(network, weights), "scheduler": scheduler})

@@ -448,6 +448,20 @@ def test_pixart_additional_conditions(tmp_path):
     assert teacher.x0(x, t, teacher.encode_prompts(PROMPTS), 2.0).isfinite().all()
 
 
+def test_pixart_conditions_on_prompts_as_its_pipeline_does(tmp_path):
+    """PixArtAlphaPipeline lower-cases and strips every prompt (clean_caption=False): so does the adapter, and its
+    embeddings equal the pipeline's own encode_prompt."""
+    pipe = save_pixart(tmp_path)
+    teacher = load_denoiser(tmp_path)
+    ours = teacher.encode_prompts(["  Red Circle ", "red circle"]).embeds["hidden"]
+    torch.testing.assert_close(ours[0], ours[1])
+    window = ours.shape[1]  # the tiny tokenizer's, below PixArt-alpha's 120
+    pipe.text_encoder.eval()  # built from a config in training mode (T5's dropout), as a loaded pipeline is not
+    with torch.no_grad():
+        theirs, *_ = pipe.encode_prompt("  Red Circle ", False, clean_caption=False, max_sequence_length=window)
+    torch.testing.assert_close(ours[:1], theirs, rtol=1e-6, atol=1e-6)
+
+
 def test_hub_id_offline_raises_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
 from didr.backbones.adapter import DiffusersDenoiser
+from didr.backbones.base import Conditioning
 from didr.backbones.text import PromptEncoder
 from didr.diffusion import VPSchedule, expand_like, x0_from_eps
 
@@ -28,6 +31,11 @@ class PixArtDenoiser(DiffusersDenoiser):
     ):
         super().__init__(net, schedule, text, vae, precision)
         self.vae_scale_factor = vae_scale_factor
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        """Each prompt lower-cased and stripped first, as diffusers' PixArt pipelines do (clean_caption=False): the
+        teacher was trained on such text, and an exported pipeline conditions the same way."""
+        return super().encode_prompts([prompt.lower().strip() for prompt in prompts])
 
     def added_cond_kwargs(self, x_t: Tensor) -> dict[str, Tensor | None]:
         if not self.net.use_additional_conditions:

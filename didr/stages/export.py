@@ -10,21 +10,21 @@ import torch
 import yaml
 
 from didr.backbones.adapter import DiffusersDenoiser
-from didr.backbones.loading import denoiser_from_components, resolve_source
+from didr.backbones.loading import denoiser_from_components, resolve_source, vae_scale_factor
 from didr.config import Params
 from didr.export import (
     LORA_MODES,
     absent_components,
     check_pipeline,
+    generator_times,
     model_card,
-    one_step_scheduler,
     params_digest,
-    text_arguments,
+    pipeline_arguments,
+    sampler_scheduler,
     usage_snippet,
     write_export,
 )
-from didr.generator import OneStepGenerator
-from didr.stages.common import new_generator, read_run_params
+from didr.stages.common import generator_record, new_generator, read_run_params
 from didr.stages.io import StageInputError, load_weights, read_prompts
 from didr.training.atomic import atomic_dir
 
@@ -54,10 +54,10 @@ def base_licence(folder: Path, embedded: bool) -> str:
 
 
 def run_export(params: Params, teacher_dir: Path, run_dir: Path, scores_dir: Path, out: Path) -> None:
-    """out/: the teacher's pipeline with the run's generator network and a one-step scheduler (safetensors), its
-    call arguments and README.md (YAML metadata: base model and revision, method and settings, params digest, the
-    run's metrics as the report's table holds them, licence; a usage snippet). Inputs are checked before anything
-    is written."""
+    """out/: the teacher's pipeline with the run's generator network and the scheduler of its one- or K-step
+    sampler (safetensors), its call arguments and README.md (YAML metadata: base model and revision, method and
+    settings, params digest, the run's metrics as the report's table holds them, licence; a usage snippet). Inputs
+    are checked before anything is written."""
     from diffusers import DiffusionPipeline
 
     check_export_inputs(run_dir, scores_dir, out)
@@ -74,17 +74,19 @@ def run_export(params: Params, teacher_dir: Path, run_dir: Path, scores_dir: Pat
     check_pipeline(type(pipe).__name__, str(folder / "model_index.json"))
     adapter = denoiser_from_components(type(pipe).__name__, pipe.components, "fp32", pipe.config)
     generator = new_generator(adapter, run["params"])
-    if not isinstance(generator, OneStepGenerator):
-        raise StageInputError(f"{run_dir}: a {generator.steps}-step generator cannot be exported (one-step only)")
     load_weights(generator, run_dir / "generator.safetensors")
     if generator.guidance != 1.0:
         raise StageInputError(f"{run_dir}: a generator with its own guidance {generator.guidance} cannot be exported")
-    scheduler, call = one_step_scheduler(pipe.scheduler.config, adapter.schedule, generator.t_star)
-    call.update(text_arguments(type(pipe).__name__, adapter.frozen_parts.text.towers))
+    scheduler, call = sampler_scheduler(pipe.scheduler.config, adapter.schedule, generator_times(generator))
+    vae, (_, height, width) = adapter.frozen_parts.vae, adapter.sample_shape
+    scale = 1 if vae is None else vae_scale_factor(vae)  # pixels per sample element
+    call.update(
+        pipeline_arguments(type(pipe).__name__, adapter.frozen_parts.text.towers, (scale * height, scale * width))
+    )
     required = [name for name in absent if name not in type(pipe)._optional_components]
     summary = json.loads((scores_dir / "summary.json").read_text(encoding="utf-8"))
     metrics = {key: value for key, value in summary.items() if isinstance(value, int | float)}
-    meta = card_metadata(run, teacher, teacher_dir, folder, embedded, call, metrics, lora)
+    meta = card_metadata(run, teacher, teacher_dir, folder, embedded, call, metrics, lora, generator_record(generator))
     prompt = read_prompts(Path(run["params"]["prompts"]["eval"]))[0]
     snippet = usage_snippet(str(out), prompt, call, lora == "keep", required, adapter.frozen_parts.vae is None)
     card = model_card(meta, snippet, f"{run.get('method', 'warm start')} {run.get('setting', '')}".strip())
@@ -101,9 +103,10 @@ def card_metadata(
     call: dict[str, Any],
     metrics: dict[str, Any],
     lora: str,
+    sampler: dict[str, Any],
 ) -> dict[str, Any]:
-    """The model card's YAML: the Hub's keys (base model, licence, library, tags) and didr's own (run, settings,
-    params digest, metrics, one-step call)."""
+    """The model card's YAML: the Hub's keys (base model, licence, library, tags) and didr's own (run, sampler
+    steps and times (`sampler`, generator_record's), settings, params digest, metrics, call)."""
     params = run["params"]
     method = run.get("method", "warm start")
     return {
@@ -114,14 +117,14 @@ def card_metadata(
         "license": base_licence(folder, embedded),
         "library_name": "diffusers",
         "pipeline_tag": "text-to-image",
-        "tags": ["didr", "one-step", str(method)],
+        "tags": ["didr", "one-step" if sampler["steps"] == 1 else "few-step", str(method)],
         "didr": {
             "method": method,
             "run": run.get("run", ""),
             "setting": run.get("setting", ""),
             "strength": run.get("strength"),
             "seed": run.get("seed"),
-            "t_star": run["generator"]["t_star"],
+            **{key: sampler[key] for key in ("steps", "t_star", "times") if key in sampler},  # deterministic: no eta
             "lora": lora if params["finetune"]["lora_rank"] > 0 else "none (full fine-tuning)",
             "params_digest": params_digest(params),
             "settings": {key: params[key] for key in ("align", "finetune", "warmup", "rewards")},
