@@ -320,6 +320,19 @@ def prompt_cache(n: int) -> Any:
     return Conditioning([f"prompt {i}" for i in range(n)], embeds, {k: torch.zeros_like(v) for k, v in embeds.items()})
 
 
+def shard_units(net: nn.Module) -> dict[str, int]:
+    """The parameters fsdp gathers at once, as `Processes.shard` shards `net` (every element of an nn.ModuleList, the
+    innermost first, then the whole): the largest block's own ("block") and the rest, the root's ("root")."""
+    blocks = [m for lst in net.modules() if isinstance(lst, nn.ModuleList) for m in lst]
+    claimed: set[int] = set()
+    largest = 0
+    for block in reversed(blocks):
+        own = [p for p in block.parameters() if id(p) not in claimed]
+        claimed |= {id(p) for p in own}
+        largest = max(largest, sum(p.numel() for p in own))
+    return {"block": largest, "root": sum(p.numel() for p in net.parameters() if id(p) not in claimed)}
+
+
 def n_params(*modules: nn.Module, trainable: bool = False) -> int:
     return sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad or not trainable)
 
@@ -391,6 +404,7 @@ def run_step(setup: Setup, meter: PhaseMeter, keep: list[Any]) -> dict[str, Any]
         "weights": n_bytes(teacher.net, generator, fake, vae, *text, reward, result.ema),
         "frozen": frozen_bytes(teacher.net, generator, fake, vae, *text, reward),  # fp32 weights no optimizer steps
         "text_bytes": n_bytes(*text),
+        **shard_units(teacher.net),
     }
     sizes["optimizer"] = 12 * sizes["trainable"]  # fp32 gradient and two fp32 moments
     keep += [teacher, generator, fake, reward, result]
@@ -669,9 +683,72 @@ def report(results: dict[str, dict[str, Any]], sanity: list[dict[str, Any]], sec
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace this script's section of RESULTS.md (from its heading to the next one), or append it."""
-    head = "## SDXL didr step memory (computed)"
+SHARDS = (1, 2, 4, 8)
+SHARDED_SETUPS = ("didr-lora", "didr-full")
+
+
+def per_gpu(c: dict[str, Any], shards: int) -> dict[str, float]:
+    """Bytes per GPU of the computed step `c` with its trained networks sharded over `shards` processes (strategy
+    fsdp; 1: one process, as computed). Sharded (1/shards each): the trainable weights, their gradients and AdamW
+    moments, the EMA, the generator's own base; replicated: the teacher UNet, VAE, text encoders and reward. With
+    LoRA, sharding gives the generator, its EMA and the fake score frozen bases of their own (the teacher keeps
+    its whole one), 3 x the UNet / shards. Gathered at a time: the largest block's weights and gradients, and the
+    root's (what no block holds) of both networks (fp32).
+    The step's activations and temporaries are the computed ones (the same per-process batch), AdamW's temporaries
+    included as computed for one process: an upper bound."""
+    shared = 4 * (c["unet"] + c["vae"] + c["text"] + c["reward"])
+    sharded = 4 * c["trainable"] + c["optimizer"] + c["ema"] + 4 * c["own_base"]
+    if shards > 1 and c["own_base"] == 0 and c["trainable"] < c["unet"]:  # LoRA on the teacher's base
+        sharded += 3 * 4 * c["unet"]
+    gathered = 0 if shards == 1 else 2 * 4 * (c["block"] + 2 * c["root"])
+    transient = max(c["phases"].values()) - c["resident"]
+    return {"replicated": shared, "sharded": sharded / shards, "gathered": gathered, "transient": transient,
+            "peak": shared + sharded / shards + gathered + transient}  # fmt: skip
+
+
+def shard_report(results: dict[str, dict[str, Any]], seconds: float) -> str:
+    """The RESULTS.md section of the memory per GPU for 1, 2, 4 and 8 shards."""
+    rows = []
+    for key, c in results.items():
+        for shards in SHARDS:
+            m = per_gpu(c, shards)
+            rows.append(
+                f"| {SETUPS[key].label} | {shards} | {gib(m['replicated'])} | {gib(m['sharded'])} | "
+                f"{gib(m['gathered'])} | {gib(m['transient'])} | **{gib(m['peak'])}** | {fits(m['peak'])} |"
+            )
+    units = next(iter(results.values()))
+    lines = [
+        f"## SDXL step memory per GPU, sharded (computed), {datetime.date.today()}",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, torch {torch.__version__}; "
+        f"`python benchmarks/memory.py --shards` took {seconds:.0f} s. The step of the section above (SDXL base "
+        "1.0, 1024x1024, batch 1 per process, teacher CFG 3, computed on fake tensors), its trained networks "
+        "sharded over 1, 2, 4 or 8 processes with `--strategy fsdp` (FSDP2 `fully_shard` on every block and on "
+        "each network: docs/pipeline.md). Per GPU: replicated (teacher UNet, VAE, text encoders, reward, fp32); "
+        "sharded (trainable weights, their fp32 gradients and two AdamW moments, the EMA, and with LoRA the "
+        "frozen bases the generator, its EMA and the fake score then hold of their own, each / shards); gathered "
+        f"(the largest block, {units['block'] / 1e6:.1f} M parameters, and each network's root, "
+        f"{units['root'] / 1e6:.1f} M, whole with their gradients while they compute); "
+        "activations and temporaries as computed for one process (AdamW's foreach temporaries included undivided: "
+        "an upper bound). Not counted: the CUDA context, NCCL buffers, workspaces, fragmentation. 1 shard is the "
+        "step computed again today (the section above may date from older code).",
+        "",
+        "| configuration | shards | replicated | sharded | gathered | activations + temporaries | peak GiB | "
+        "fits 80 GB |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "With LoRA, sharding saves little (the adapters, their moments and the EMA are 3 GiB whole) and costs the "
+        "frozen bases' shards: `ddp` is the strategy for LoRA. Full fine-tuning needs sharding: "
+        f"{gib(per_gpu(results['didr-full'], 1)['peak'])} GiB on one process, under 80 GB from 2 shards on "
+        "(presets/sdxl-dmd2-full-x8.yaml: 8).",
+        "",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, text: str, head: str = "## SDXL didr step memory (computed)") -> None:
+    """Replace this script's section of RESULTS.md (from its heading `head` to the next one), or append it."""
     old = path.read_text() if path.exists() else "# Benchmark results\n"
     start = old.find(head)
     if start < 0:
@@ -693,6 +770,8 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     parser.add_argument("--jobs", type=int, default=1, help="configurations computed at once (one process each)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/RESULTS.md alone")
+    shards_help = "only the memory per GPU for 1, 2, 4, 8 shards (LoRA and full fine-tuning): its own section"
+    parser.add_argument("--shards", action="store_true", help=shards_help)
     parser.add_argument("--one", choices=list(SETUPS), help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=("computed", "measured", "sanity"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -707,6 +786,15 @@ def main() -> None:
             print(json.dumps((computed if args.mode == "computed" else measured)(SETUPS[args.one], keep)), flush=True)
         os._exit(0)
     began = time.perf_counter()
+    if args.shards:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            steps = pool.map(partial(child, mode="computed"), SHARDED_SETUPS)
+            computed_steps = dict(zip(SHARDED_SETUPS, steps, strict=True))
+        text = shard_report(computed_steps, time.perf_counter() - began)
+        print(text)
+        if not args.no_write:
+            write_section(Path(__file__).with_name("RESULTS.md"), text, "## SDXL step memory per GPU, sharded")
+        return
     keys = args.configs
     with ThreadPoolExecutor(args.jobs) as pool:  # with --jobs 1: the sanity check, then one configuration at a time
         sanity = pool.submit(child, None, "sanity")

@@ -109,7 +109,7 @@ def _checked_stage(args: argparse.Namespace, processes: int, launching: bool) ->
     from transformers.utils import logging as transformers_logging
 
     from didr.training.atomic import check_output_folder
-    from didr.training.distributed import LOCKS_HELD, check_batch, launched_world_size, run_processes
+    from didr.training.distributed import LOCKS_HELD, check_batch, check_strategy, launched_world_size, run_processes
     from didr.training.lock import hold_lock
 
     transformers_logging.disable_progress_bar()  # the stages show their own progress; keep stderr for errors
@@ -119,6 +119,7 @@ def _checked_stage(args: argparse.Namespace, processes: int, launching: bool) ->
         section = params.warmup if args.command == "warmup" else params.align
         world = processes if launching else launched_world_size()
         check_batch(section.batch_size, world, args.accumulation, key=f"{args.command}.batch_size")
+        check_strategy(args.strategy, world, args.accumulation)
     check_output_folder(args.out)
     if args.command == "align":
         args.checkpoints = args.checkpoints or args.out.with_name(args.out.name + ".checkpoints")
@@ -143,7 +144,7 @@ def _run_stage(args: argparse.Namespace, params: Any) -> int:
 
         run_warmup(
             params, args.teacher, args.out, device=args.device, progress=not args.quiet,
-            accumulation=args.accumulation,
+            accumulation=args.accumulation, strategy=args.strategy,
         )  # fmt: skip
     elif args.command == "align":
         from didr.grid import Run, parse_value
@@ -154,7 +155,7 @@ def _run_stage(args: argparse.Namespace, params: Any) -> int:
         run = Run(args.method, args.strength, seed, tuple((k, parse_value(v)) for k, _, v in overrides))
         run_align(
             params, args.teacher, args.warmup, args.out, run, args.checkpoints, args.device, not args.quiet,
-            accumulation=args.accumulation,
+            accumulation=args.accumulation, strategy=args.strategy,
         )  # fmt: skip
     elif args.command == "sample":
         from didr.stages.sample import run_sample
@@ -231,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="processes of the run, one per GPU (torchrun; docs/pipeline.md)")  # fmt: skip
         sub.add_argument("--accumulation", type=int, default=1,
                          help="micro-batches per process and step: the batch is the same, the memory less")  # fmt: skip
+        sub.add_argument("--strategy", default="ddp",
+                         help="ddp: each process holds the networks; fsdp: they are sharded over the processes "
+                              "(FSDP2; docs/pipeline.md)")  # fmt: skip
     align.add_argument("--warmup", type=Path, required=True)
     align.add_argument("--method", required=True, metavar="{" + ",".join(METHODS) + "}",
                        help="; ".join(f"{m.name}: {m.help}" for m in METHODS.values()))  # fmt: skip

@@ -72,10 +72,11 @@ def stage_tasks(
     processes: int | None = None,
     accumulation: int | None = None,
     threads: int | None = None,
+    strategy: str | None = None,
 ) -> list[Task]:
     """Every job of `stage` (one per name; every run or sample set when `names` is empty), each with the command of
-    its Snakemake rule (both from didr/jobs.py), with `processes` and `accumulation` per run for warmup and align
-    and `threads` (--cpus) for every stage when given;
+    its Snakemake rule (both from didr/jobs.py), with `processes`, `accumulation` and `strategy` per run for warmup
+    and align and `threads` (--cpus) for every stage when given;
     ValueError names a run or sample set that is not in the grid."""
     known = jobs.names(params, stage)
     if jobs.STAGES[stage].each:
@@ -95,7 +96,7 @@ def stage_tasks(
                 inputs += [(Path(path), WHAT_EACH[key]) for path in value]
             elif value:
                 inputs.append((Path(value), WHAT[key].format(name=name)))
-        command = job.command(str(params_file), processes, accumulation, threads)
+        command = job.command(str(params_file), processes, accumulation, threads, strategy)
         tasks.append(Task(name, command, Path(job.done), Path(job.log), inputs))
     return tasks
 
@@ -246,10 +247,14 @@ def launch(args: argparse.Namespace) -> int:
     from didr.config import load_params
 
     params = load_params(args.params)
+    if hasattr(args, "strategy"):  # warmup and align: refused here, before any job is submitted
+        from didr.training.distributed import check_strategy
+
+        check_strategy(args.strategy, args.processes, args.accumulation)
     names = getattr(args, "runs", None) or getattr(args, "sets", [])
     tasks = stage_tasks(
         params, args.params, args.stage, names, getattr(args, "processes", None), getattr(args, "accumulation", None),
-        args.cpus,
+        args.cpus, getattr(args, "strategy", None),
     )  # fmt: skip
     settings = executor_settings(args)
     todo = [task for task in tasks if not task.done.exists()]
@@ -331,4 +336,5 @@ def add_launch_parser(commands: Any) -> argparse.ArgumentParser:
                 help="processes per run, one per GPU (GPUs per job: this times the stage's)",
             )
             sub.add_argument("--accumulation", type=int, default=1, help="micro-batches per process and step")
+            sub.add_argument("--strategy", default="ddp", help="ddp (networks replicated) or fsdp (sharded)")
     return launch_parser

@@ -125,13 +125,16 @@ def test_align_sweep_matches_the_snakemake_rules_and_is_not_rerun(project):
 
     # Every stage's launcher command is the one its Snakemake rule runs (a forced dry run prints them all), and
     # Snakemake takes the launcher's align outputs as up to date.
-    printed = re.findall(r"^Shell command: (didr .*)$", snakemake_dry_run(folder, "-p", "--forcerun", "teacher"), re.M)
+    dry_run = snakemake_dry_run(folder, "-p", "--forcerun", "teacher")
+    printed = re.findall(r"^Shell command: exec (didr .*)$", dry_run, re.M)  # jobs.shell execs `didr`
     rules = sorted(
         " ".join(command.split()) for command in printed
     )  # the sample rule leaves two spaces for no generator
     params = load_params(folder / "params.yaml")
     tasks = [task for stage in STAGES for task in stage_tasks(params, Path("params.yaml"), stage, [])]
     assert rules == sorted(f"{shlex.join(task.command)} > {task.log} 2>&1" for task in tasks)
+    [sharded] = stage_tasks(params, Path("params.yaml"), "warmup", [], processes=2, strategy="fsdp")
+    assert "--processes 2 --accumulation 1 --strategy fsdp" in shlex.join(sharded.command)
     assert set(commands) <= set(rules) and len(rules) == 1 + 1 + 2 + 4 + 4 + 1 + 2  # ... report, an export per run
     up_to_date = snakemake_dry_run(
         folder, "--rerun-triggers", "mtime", "--", *(f"runs/tiny/align/{run}" for run in GRID)
@@ -177,8 +180,10 @@ def test_preempted_align_is_resubmitted_once_and_resumes(project):
         (["--executor", "local", "--runs", "method=didr/beta=9/seed=0"], "'method=didr/beta=9/seed=0' is not a run of"),
         (["--executor", "slurm"], "no SLURM partition: pass --partition or set DIDR_SLURM_PARTITION"),
         (["--executor", "local"], "missing input runs/tiny/warmup (the warmup stage's output)"),
+        (["--executor", "local", "--strategy", "zero3"], "--strategy: unknown value 'zero3'"),
+        (["--executor", "local", "--strategy", "fsdp"], "--strategy fsdp needs --processes > 1"),
     ],
-    ids=["unknown-run", "no-partition", "no-warmup"],
+    ids=["unknown-run", "no-partition", "no-warmup", "unknown-strategy", "fsdp-alone"],
 )
 def test_bad_input_fails_in_one_line_and_submits_nothing(tmp_path, args, message):
     folder = scratch_project(tmp_path / "project")

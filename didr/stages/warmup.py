@@ -12,20 +12,27 @@ from didr.config import Params
 from didr.diffusion import UniformTime
 from didr.objectives.fake_score import FakeScoreLoss
 from didr.stages.common import generator_record, load_prompts, load_teacher, new_fake, new_generator
-from didr.stages.io import save_weights, write_text_atomic
-from didr.training.atomic import atomic_dir
+from didr.stages.io import save_weights, trained_state, write_text_atomic
+from didr.training.atomic import atomic_dir, save_tensors
 from didr.training.distributed import start_processes
 from didr.training.warmup import warm_up_fake
 
 
 def run_warmup(
-    params: Params, teacher_dir: Path, out: Path, device: str = "auto", progress: bool = True, accumulation: int = 1
+    params: Params,
+    teacher_dir: Path,
+    out: Path,
+    device: str = "auto",
+    progress: bool = True,
+    accumulation: int = 1,
+    strategy: str = "ddp",
 ) -> None:
     """out/generator.safetensors (the teacher's x0 at t*, or warmup.generator_weights; K steps of it with
     warmup.generator.steps K > 1), out/fake.safetensors
     (DSM-fitted), out/params.json; LoRA fine-tuning saves the adapters only. Under torchrun each process computes its
-    share of the batch in `accumulation` micro-batches, and the main process writes."""
-    processes = start_processes(device)
+    share of the batch in `accumulation` micro-batches (`strategy` fsdp: the fake score sharded over the processes),
+    and the main process writes."""
+    processes = start_processes(device, strategy)
     dev = processes.device
     teacher = load_teacher(teacher_dir, dev)
     prompts = load_prompts(teacher_dir, "train", dev)
@@ -37,13 +44,14 @@ def run_warmup(
         fake_loss=FakeScoreLoss(fake, UniformTime(a.t_min, a.t_max_sampling)), seed=params.seed, progress=progress,
         processes=processes, accumulation=accumulation,
     )  # fmt: skip
+    fake_weights = processes.full(trained_state(fake))  # fsdp: every process gathers its shards
     if not processes.main:
         return
     with atomic_dir(out) as tmp:
         save_weights(generator, tmp / "generator.safetensors")
-        save_weights(fake, tmp / "fake.safetensors")
+        save_tensors({k: v.detach().contiguous().cpu() for k, v in fake_weights.items()}, tmp / "fake.safetensors")
         record = {
             "stage": "warmup", "params": asdict(params), "generator": generator_record(generator), "loss_fake": losses,
-            "processes": processes.world, "accumulation": accumulation,
+            "processes": processes.world, "accumulation": accumulation, "strategy": strategy,
         }  # fmt: skip
         write_text_atomic(tmp / "params.json", json.dumps(record, indent=1))

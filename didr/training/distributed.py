@@ -1,10 +1,12 @@
 """The processes of one training run: one per device when started by torchrun (through accelerate), else one.
 
-Data parallelism is accelerate's DistributedDataParallel over torch.distributed. A run's numbers do not depend on how
-many processes share it: every process draws the whole global batch from the same seeded SlicedGenerator and keeps
-its own piece (didr/diffusion.py), gradients are averaged over processes and micro-batches, and every decision that
-ends or changes the run (a stop signal, a non-finite loss) is all-reduced so that all processes take it at the same
-step (docs/pipeline.md, "many GPUs").
+Two strategies share the processes out (docs/pipeline.md, "many GPUs"): `ddp`, accelerate's DistributedDataParallel
+(every process holds the whole model), and `fsdp`, FSDP2 `fully_shard` (each process holds 1/world of every trained
+network's parameters, gradients, optimiser states and EMA; a block's parameters are all-gathered for its forward and
+backward, its gradients reduce-scattered). A run's numbers do not depend on the strategy or on how many processes
+share it: every process draws the whole global batch from the same seeded SlicedGenerator and keeps its own piece
+(didr/diffusion.py), gradients are averaged over processes and micro-batches, and every decision that ends or
+changes the run (a stop signal, a non-finite loss) is all-reduced so that all processes take it at the same step.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from didr.training.preemption import PREEMPTED_EXIT_CODE
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # a collective nobody answers fails after this instead of hanging
 RENDEZVOUS_PORT = 29500
+SHUTDOWN_SECONDS = 3600  # torchrun's wait for its workers after a stop signal, before it kills them
 LOCKS_HELD = "DIDR_LOCKS_HELD"  # set for the processes a launching `didr` started: it holds the output's locks
+STRATEGIES = ("ddp", "fsdp")
 
 
 def launched_world_size() -> int:
@@ -37,21 +41,51 @@ def launched_world_size() -> int:
 
 @dataclass
 class Processes:
-    """This process's place in the run (`rank` of `world`) and its device; `accelerator` when world > 1."""
+    """This process's place in the run (`rank` of `world`), its device and the strategy (STRATEGIES) that shares the
+    networks out; `accelerator` when world > 1."""
 
     device: torch.device
     rank: int = 0
     world: int = 1
     accelerator: Any = None
+    strategy: str = "ddp"
 
     @property
     def main(self) -> bool:
         """Whether this process writes the run's logs, checkpoints and outputs."""
         return self.rank == 0
 
+    @property
+    def sharded(self) -> bool:
+        """Whether checkpoints are sharded (torch.distributed.checkpoint; any fsdp run, even of one process)."""
+        return self.strategy != "ddp"
+
+    def shard(self, module: nn.Module) -> nn.Module:
+        """`module`, sharded in place over the processes under fsdp with world > 1 (else as it is): FSDP2
+        `fully_shard` on each block (every module of an nn.ModuleList) and then on the whole, so that one block's
+        parameters at a time are gathered. Call it before making the module's optimiser."""
+        if not self.sharded or self.world == 1:
+            return module
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        for param in module.parameters():  # FSDP2 shards contiguous tensors only; the values stay
+            if not param.is_contiguous():
+                param.data = param.data.contiguous()
+        blocks = [m for lst in module.modules() if isinstance(lst, nn.ModuleList) for m in lst]
+        for block in reversed(blocks):  # the innermost first: a block sharded inside another keeps its own group
+            if any(True for _ in block.parameters()):
+                fully_shard(block, mesh=mesh)
+        fully_shard(module, mesh=mesh)  # in place: the same object, its class FSDP<...>
+        if hasattr(module, "x0"):  # a denoiser is called through x0 (docs/algorithm.md §1): gather for it as well
+            register_fsdp_forward_method(module, "x0")
+        return module
+
     def wrap(self, module: nn.Module) -> nn.Module:
-        """`module` for a backward pass whose gradients are averaged over the processes (DDP when world > 1)."""
-        if self.accelerator is None:
+        """`module` for a backward pass whose gradients are averaged over the processes: DDP under ddp with
+        world > 1; a sharded module (`shard`) averages its own."""
+        if self.accelerator is None or self.sharded:
             return module
         return self.accelerator.prepare_model(module, device_placement=False)
 
@@ -61,9 +95,26 @@ class Processes:
         last micro-batch of a step)."""
         if sync or self.accelerator is None:
             yield
+        elif self.sharded:
+            from torch.distributed.fsdp import FSDPModule
+
+            sharded = [m for m in wrapped.modules() if isinstance(m, FSDPModule)]
+            for m in sharded:
+                m.set_requires_gradient_sync(False, recurse=False)
+            try:
+                yield
+            finally:
+                for m in sharded:
+                    m.set_requires_gradient_sync(True, recurse=False)
         else:
             with self.accelerator.no_sync(wrapped):
                 yield
+
+    def full(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Each tensor whole on every process (a sharded one gathered: call it on all processes at once)."""
+        from torch.distributed.tensor import DTensor
+
+        return {k: t.full_tensor() if isinstance(t, DTensor) else t for k, t in tensors.items()}
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         """Each value averaged over the processes (every process gets the same numbers)."""
@@ -88,18 +139,30 @@ class Processes:
             self.accelerator.wait_for_everyone()
 
 
-def start_processes(device: str = "auto") -> Processes:
+def start_processes(device: str = "auto", strategy: str = "ddp") -> Processes:
     """This process's Processes. Under torchrun (WORLD_SIZE > 1) the process group is joined through accelerate on
     gloo for the CPU ("cpu", or "auto" with no GPU) and nccl on this process's GPU; otherwise one process on `device`
-    ("auto": CUDA when available)."""
+    ("auto": CUDA when available). `strategy`: one of STRATEGIES."""
+    _known(strategy)
     cuda = torch.cuda.is_available() and device != "cpu"
     if launched_world_size() == 1:
-        return Processes(torch.device("cuda" if cuda and device == "auto" else ("cpu" if device == "auto" else device)))
+        single = torch.device("cuda" if cuda and device == "auto" else ("cpu" if device == "auto" else device))
+        return Processes(single, strategy=strategy)
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
     accelerator = Accelerator(cpu=not cuda, kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)])
-    return Processes(accelerator.device, accelerator.process_index, accelerator.num_processes, accelerator)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    return Processes(accelerator.device, rank, world, accelerator, strategy)
+
+
+def check_strategy(strategy: str, world: int, accumulation: int) -> str:
+    """ValueError naming the key for a strategy that is unknown, or sharding with nothing to share it out (one
+    process and no accumulation: fsdp on one process only writes sharded checkpoints for a run of several)."""
+    _known(strategy)
+    if strategy != "ddp" and world == 1 and accumulation == 1:
+        raise ValueError(f"--strategy {strategy} needs --processes > 1 (or --accumulation > 1 on one process)")
+    return strategy
 
 
 def check_batch(batch_size: int, world: int, accumulation: int, key: str = "align.batch_size") -> int:
@@ -113,10 +176,17 @@ def check_batch(batch_size: int, world: int, accumulation: int, key: str = "alig
     return batch_size // (world * accumulation)
 
 
+def _known(strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"--strategy: unknown value {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+
+
 def torchrun_command(argv: list[str], processes: int, env: Mapping[str, str] = os.environ) -> list[str]:
     """The command that runs `didr <argv>` as `processes` processes: torchrun --standalone on one node; in a SLURM
     allocation of several nodes, srun starts one torchrun per node and they meet at the first node (c10d)."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    # On SIGTERM (a SLURM time limit signals every process of the step) torchrun passes it on to the workers and
+    # kills them SHUTDOWN_SECONDS later: long enough for any checkpoint (its default, 30 s, cuts an SDXL one short).
+    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--shutdown-timeout={SHUTDOWN_SECONDS}"]
     didr = ["-m", "didr.cli", *argv]
     nodes = int(env.get("SLURM_JOB_NUM_NODES", "1"))
     if nodes == 1:

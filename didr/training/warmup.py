@@ -39,6 +39,7 @@ def warm_up_fake(
     processes = processes or Processes(device)
     micro = check_batch(batch_size, processes.world, accumulation, key="warmup.batch_size")
     fake_loss = fake_loss or FakeScoreLoss(fake)
+    processes.shard(fake)  # fsdp: in place, before its optimiser is made
     optimiser = torch.optim.AdamW([p for p in fake.parameters() if p.requires_grad], lr=lr, betas=adam_betas)
     step_module = processes.wrap(FakeStep(fake, fake_loss))
     rng = SlicedGenerator(device, parts=processes.world * accumulation)
