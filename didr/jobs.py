@@ -12,8 +12,9 @@ launcher (didr/launch.py) are all built from this table, so the three run the sa
     report   -                      didr report --params P --scores C... --samples S... --runs A... --out R
     export   run of the grid        didr export --params P --teacher T --run A --scores C --out E
 
-Every command also gets --threads (the job's); warmup and align get --processes and --accumulation (the job's
-`processes` and `accumulation` resources: how many processes share one run, and micro-batches per process).
+Every command also gets --threads (the job's); warmup and align get --processes, --accumulation and --strategy (the
+job's `processes`, `accumulation` and `strategy` resources: how many processes share one run, micro-batches per
+process, and ddp or fsdp: whether each process holds the networks or a shard of them).
 
 A sample set is a reference (layout.REFERENCES: the teacher with N steps and CFG, the warm start) or a run of the grid.
 """
@@ -42,6 +43,7 @@ class Resources:
     threads: int
     processes: int = 1  # training processes of one job, one per GPU (torchrun; warmup and align only)
     accumulation: int = 1  # micro-batches per process and step (the batch stays params.yaml's)
+    strategy: str = "ddp"  # ddp or fsdp: the trained networks replicated or sharded over the processes
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,9 @@ def _export(p: Any, run: str) -> dict:
     }
 
 
-DISTRIBUTED = "--processes {resources.processes} --accumulation {resources.accumulation}"  # warmup, align
+DISTRIBUTED = (  # warmup, align
+    "--processes {resources.processes} --accumulation {resources.accumulation} --strategy {resources.strategy}"
+)
 
 STAGES: dict[str, Stage] = {
     stage.name: stage
@@ -229,6 +233,7 @@ class Job:
         processes: int | None = None,
         accumulation: int | None = None,
         threads: int | None = None,
+        strategy: str | None = None,
     ) -> list[str]:
         """The job's `didr` command, word by word (with the stage's resources unless given)."""
         r = self.stage.resources
@@ -236,6 +241,7 @@ class Job:
             "threads": threads or r.threads,
             "resources.processes": processes or r.processes,
             "resources.accumulation": accumulation or r.accumulation,
+            "resources.strategy": strategy or r.strategy,
         }
         slots = {**self.slots, "params.file": str(params_file)} | {k: str(v) for k, v in numbers.items()}
         return fill(self.stage.command, slots)
@@ -313,14 +319,15 @@ def shell(stage: str) -> str:
     """A rule's shell command: the stage's `didr` command, its output and errors in the job's log. Every value is one
     shell-quoted word (Snakemake's {slot:q}; a list, each of its items), so a path with a space or `$(...)` is inert:
     the params the rules compute (PRE_QUOTED) are quoted when computed (shell_words), the rule's threads are a number.
-    """
+    `exec`: bash becomes `didr`, so a stop signal sent to the whole job step (SLURM's early signal, a preemption) is
+    not the death of the shell, which would end the job while `didr` writes its checkpoint (docs/reliability.md)."""
     words = [
         word if not (word.startswith("{") and word.endswith("}")) or word == "{threads}"
         else word if word.startswith("{" + PRE_QUOTED) and word != "{params.file}"
         else word[:-1] + ":q}"
         for word in STAGES[stage].command.split()
     ]  # fmt: skip
-    return " ".join(words) + " > {log:q} 2>&1"
+    return "exec " + " ".join(words) + " > {log:q} 2>&1"
 
 
 def shell_words(value: Value) -> str:
@@ -328,10 +335,12 @@ def shell_words(value: Value) -> str:
     return shlex.join(value) if isinstance(value, list) else shlex.quote(value) if value else ""
 
 
-def rule_resources(stage: str) -> dict[str, int]:
+def rule_resources(stage: str) -> dict[str, int | str]:
     """A rule's resources (gpu=1 -> sbatch --gpus=1, mem_mb -> --mem, runtime in minutes -> --time); warmup and align
-    also have `processes` and `accumulation`, which a (workflow) profile's set-resources may raise."""
+    also have `processes`, `accumulation` and `strategy`, which a (workflow) profile's set-resources may change."""
     r = STAGES[stage].resources
     trains = DISTRIBUTED in STAGES[stage].command
-    distributed = {"processes": r.processes, "accumulation": r.accumulation} if trains else {}
+    distributed: dict[str, int | str] = (
+        {"processes": r.processes, "accumulation": r.accumulation, "strategy": r.strategy} if trains else {}
+    )
     return {"gpu": r.gpus, "mem_mb": r.mem_mb, "runtime": r.runtime} | distributed

@@ -58,7 +58,7 @@ def snakemake_jobs(folder: Path, *args: str) -> dict[str, dict]:
         wildcard = fields.get("wildcards", "").partition("=")[2]
         if rule != "all":
             jobs[f"{rule}@{wildcard}" if wildcard else rule] = {
-                "cmd": " ".join(re.sub(r" > \S+ 2>&1$", "", shell).split()),
+                "cmd": " ".join(re.sub(r"^exec | > \S+ 2>&1$", "", shell).split()),
                 "deps": set(fields["input"].split(", ")),
                 "outs": set(fields["output"].split(", ")),
             }

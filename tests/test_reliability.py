@@ -87,8 +87,9 @@ HOSTILE = "my params/$(touch PWNED)'x.yaml"
 
 @pytest.mark.parametrize("stage", ["align", "sample", "report"])
 def test_rule_commands_quote_every_value(tmp_path, stage):
-    """jobs.shell as Snakemake formats it (its own formatter, :q quoting) and bash runs it, with `didr` a function
-    that prints its words: a path with a space, a quote or $(...) arrives as one word and runs nothing."""
+    """jobs.shell as Snakemake formats it (its own formatter, :q quoting) and bash runs it, with `didr` a script that
+    prints its words (a script: the command execs it): a path with a space, a quote or $(...) arrives as one word
+    and runs nothing."""
     p = load_params(ROOT / "params.yaml")
     run = jobs.runs(p)[0]
     job = jobs.job(p, stage, run if stage != "report" else None)
@@ -101,8 +102,12 @@ def test_rule_commands_quote_every_value(tmp_path, stage):
         "log": str(tmp_path / "a log.txt"),
     }
     command = snakemake_format(jobs.shell(stage), **values)
-    printer = "didr() { printf '%s\\n' \"$@\"; }; "
-    subprocess.run(["bash", "-c", printer + command], cwd=tmp_path, check=True)
+    printer = tmp_path / "bin" / "didr"
+    printer.parent.mkdir()
+    printer.write_text("#!/bin/sh\nprintf '%s\\n' \"$@\"\n")
+    printer.chmod(0o755)
+    path = f"{printer.parent}{os.pathsep}{os.environ['PATH']}"
+    subprocess.run(["bash", "-c", command], cwd=tmp_path, env={**os.environ, "PATH": path}, check=True)
     words = (tmp_path / "a log.txt").read_text().splitlines()
     assert words == job.command(HOSTILE)[1:]  # the words the launcher runs without a shell
     assert not (tmp_path / "PWNED").exists()

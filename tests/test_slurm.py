@@ -29,14 +29,10 @@ DAG_TIMEOUT_S = 900
 def snakemake_slurm(project: Path, cluster: SlurmCluster, partition: str | None, timeout: float, *options: str):
     """`snakemake --profile slurm all [options]` in `project`; on timeout its process group is killed, its jobs
     cancelled."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("DIDR_SLURM_", "SNAKEMAKE_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # snakemake and didr from this venv
-    if partition is not None:
-        env["DIDR_SLURM_PARTITION"] = partition
     process = subprocess.Popen(
         [*COMMAND, *options],
         cwd=project,
-        env=env,
+        env=slurm_environment(partition),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -51,6 +47,14 @@ def snakemake_slurm(project: Path, cluster: SlurmCluster, partition: str | None,
             cluster.cancel(name)
         pytest.fail(f"{' '.join(COMMAND)} still ran after {timeout} s:\n{err[-3000:]}")
     return process.returncode, out + err
+
+
+def slurm_environment(partition: str | None) -> dict[str, str]:
+    """This environment without DIDR_SLURM_* and SNAKEMAKE_* settings, the venv's snakemake and didr first on PATH, and
+    DIDR_SLURM_PARTITION set to `partition` (unset when None)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("DIDR_SLURM_", "SNAKEMAKE_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    return env if partition is None else {**env, "DIDR_SLURM_PARTITION": partition}
 
 
 def run_ids(log: str) -> list[str]:
