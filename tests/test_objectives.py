@@ -70,7 +70,8 @@ def test_di_gradient_is_weighted_fake_minus_teacher(weighting):
         "dmd2": 1 / (x0.detach() - x0_ref).abs().mean(1, keepdim=True),
     }[weighting]
     torch.testing.assert_close(grad, weight * direction)
-    assert set(logs) == {"loss_ikl", "direction_norm"}
+    assert set(logs) == {"loss_ikl", "direction_norm", "update_norm_matching"}
+    assert logs["update_norm_matching"] == pytest.approx((weight * direction).norm(dim=1).mean().item(), rel=1e-6)
 
 
 def test_dipp_adds_the_terminal_reward_gradient():
@@ -258,3 +259,74 @@ def test_alignment_loop_stops_on_a_non_finite_loss():
 
     with pytest.raises(FloatingPointError, match="step 0"):
         train_small(0, objective_factory=lambda: exploding)
+
+
+def test_dmd2_logs_its_matching_and_reward_update_norms():
+    """The logged parts of the update in x0 (docs/algorithm.md §4.5) against the hand-computed directions."""
+    ref, fk = teacher(), fake()
+    x0, cond = batch()
+    times = UniformTime(20 / 999, 980 / 999)
+    grad, logs = grad_of(DMD2(ref, fk, times, reward=REWARD, reward_weight=2.0), x0, cond)
+    t, eps, a, s = replay(11, 64, times)
+    x_t = a * x0.detach() + s * eps
+    x0_real = ref.predict_x0(x_t, t, {})
+    matching = (fk.predict_x0(x_t, t, {}) - x0_real) / (x0.detach() - x0_real).abs().mean(1, keepdim=True)
+    reward_part = 2.0 * (x0.detach() - REWARD.centre) @ REWARD.precision  # grad of -2 r
+    torch.testing.assert_close(grad, matching + reward_part)
+    assert logs["update_norm_matching"] == pytest.approx(matching.norm(dim=1).mean().item(), rel=1e-5)
+    assert logs["update_norm_reward"] == pytest.approx(reward_part.norm(dim=1).mean().item(), rel=1e-5)
+    hinged = DMD2(ref, fk, times, reward=REWARD, reward_weight=2.0, reward_hinge=-1.0)
+    _, logs = grad_of(hinged, x0, cond)
+    below = (REWARD(x0.detach()) < -1.0).float()[:, None]
+    assert logs["update_norm_reward"] == pytest.approx((below * reward_part).norm(dim=1).mean().item(), rel=1e-5)
+
+
+def test_dipp_logs_the_reward_part_of_its_update():
+    x0, cond = batch()
+    _, logs = grad_of(DIPlusPlus(teacher(), fake(), REWARD, alpha_rew=3.0, time_sampling=TIMES), x0, cond)
+    reward_grad = (x0.detach() - REWARD.centre) @ REWARD.precision
+    assert logs["update_norm_reward"] == pytest.approx(3.0 * reward_grad.norm(dim=1).mean().item(), rel=1e-5)
+
+
+def test_didr_logs_the_drs_shift_against_the_matching_direction_by_time():
+    ref, fk = teacher(), fake()
+    x0, cond = batch(256)
+    beta = 0.8
+    _, logs = grad_of(DIDR(ref, fk, REWARD, beta, t_max=1.0, time_sampling=TIMES, weighting="uniform"), x0, cond)
+    t, eps, a, s = replay(11, 256)
+    x_t = (a * x0.detach() + s * eps).requires_grad_(True)
+    x0_ref = ref.predict_x0(x_t, t, {})
+    (drs,) = torch.autograd.grad(REWARD(x0_ref).sum() / beta, x_t)
+    shift, matching = s**2 / a * drs, (fk.predict_x0(x_t, t, {}) - x0_ref).detach()
+    assert logs["update_norm_matching"] == pytest.approx(matching.norm(dim=1).mean().item(), rel=1e-5)
+    assert logs["update_norm_reward"] == pytest.approx(shift.norm(dim=1).mean().item(), rel=1e-5)
+    late = ((t >= 0.5) & (t <= 1.0)).float()
+    assert logs["drs_shift_t0.50-1.00"] == pytest.approx((late * shift.norm(dim=1)).mean().item(), rel=1e-5)
+    assert logs["matching_t0.50-1.00"] == pytest.approx((late * matching.norm(dim=1)).mean().item(), rel=1e-5)
+    bins = ["0.00-0.50", "0.50-1.00"]
+    assert sum(logs[f"drs_shift_t{b}"] for b in bins) == pytest.approx(logs["update_norm_reward"], rel=1e-5)
+    assert sum(logs[f"matching_t{b}"] for b in bins) == pytest.approx(logs["update_norm_matching"], rel=1e-5)
+    early, high = (logs[f"drs_shift_t{b}"] / logs[f"matching_t{b}"] for b in bins)
+    assert early < high  # s^2 / a grows with t
+
+
+@pytest.mark.parametrize("clip", [1e-3, None])
+def test_alignment_loop_clips_on_the_per_element_mean_scale_and_logs_it(clip):
+    """grad_clip is DMD2's max_grad_norm on a per-element mean loss: the summed loss's gradient (2 elements per
+    sample here) is clipped at 2 x clip, and the applied norm on the mean scale equals the clip."""
+    ref = teacher()
+    generator, fk = ref.make_generator(0.9), ref.trainable_copy()
+    result = align(
+        generator, DMD2(ref, fk, TIMES, reward=REWARD, reward_weight=1.0), ref.encode_prompts([""]), steps=3,
+        batch_size=16, fake=fk, fake_loss=FakeScoreLoss(fk, TIMES), lr=1e-2, grad_clip=clip,
+    )  # fmt: skip
+    for row in result.history:
+        assert row["grad_norm_mean_scale"] == pytest.approx(row["grad_norm"] / 2)
+        assert row["grad_norm_mean_scale"] > 1e-2
+        if clip is None:
+            assert row["grad_clipped"] == 0 and row["grad_clipped_fake"] == 0
+            assert row["grad_norm_applied_mean_scale"] == pytest.approx(row["grad_norm_mean_scale"], rel=1e-6)
+        else:
+            assert row["grad_clipped"] == 1 and row["grad_clipped_fake"] == 1
+            assert row["grad_norm_applied_mean_scale"] == pytest.approx(clip, rel=1e-3)
+        assert {"update_norm_matching", "update_norm_reward"} <= set(row)

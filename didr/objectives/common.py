@@ -68,6 +68,27 @@ def reward_at(reward: Reward, denoiser: Denoiser, x0: Tensor, cond: Conditioning
     return reward(denoiser.decode(x0), cond.prompts)
 
 
+def reward_and_gradient(reward: Reward, denoiser: Denoiser, x0: Tensor, cond: Conditioning) -> tuple[Tensor, Tensor]:
+    """r(Dec(x0), c) per sample (detached) and its gradient in x0, by one backward through the reward alone, so that
+    the reward's part of the update is known before the generator's backward (docs/algorithm.md §4.5)."""
+    leaf = x0.detach().requires_grad_(True)
+    with torch.enable_grad():
+        value = reward_at(reward, denoiser, leaf, cond)
+        (grad,) = torch.autograd.grad(value.sum(), leaf)
+    return value.detach(), grad
+
+
+def directed_loss(value: Tensor, x0: Tensor, direction: Tensor) -> Tensor:
+    """Per sample: equal to `value`, with gradient `direction` in x0 (value + <sg(d), x0 - sg(x0)>)."""
+    return value.detach() + (direction.detach() * (x0 - x0.detach())).flatten(1).sum(1)
+
+
+def update_norm(direction: Tensor, weight: Tensor | float = 1.0) -> float:
+    """The batch mean of the per-sample norm of weight * direction: one part of the update in x0 (summed-loss
+    scale; divide by the elements per sample for the per-element-mean scale, docs/algorithm.md §4.5)."""
+    return (weight * direction.flatten(1).norm(dim=1)).mean().item()
+
+
 def check_positive(name: str, value: float, allow_zero: bool = False) -> float:
     """`value` if it is > 0 (or >= 0 with allow_zero); else ValueError naming the parameter."""
     if not (value >= 0 if allow_zero else value > 0):

@@ -11,10 +11,12 @@ from didr.objectives.common import (
     TimeSampler,
     check_positive,
     check_weighting,
+    directed_loss,
     draw_noisy,
     matching_weight,
     pseudo_loss,
-    reward_at,
+    reward_and_gradient,
+    update_norm,
 )
 from didr.rewards.base import Reward
 
@@ -42,8 +44,10 @@ class DI:
             x0_fake = self.fake.x0(noisy.x_t, noisy.t, cond)
             x0_ref = self.teacher.x0(noisy.x_t, noisy.t, cond, self.teacher_guidance)
         direction = x0_fake - x0_ref
-        loss = pseudo_loss(x0, direction, matching_weight(self.weighting, noisy, x0, x0_ref))
-        return loss, {"loss_ikl": loss.mean().item(), "direction_norm": direction.flatten(1).norm(dim=1).mean().item()}
+        weight = matching_weight(self.weighting, noisy, x0, x0_ref)
+        loss = pseudo_loss(x0, direction, weight)
+        logs = {"loss_ikl": loss.mean().item(), "direction_norm": update_norm(direction)}
+        return loss, logs | {"update_norm_matching": update_norm(direction, weight)}
 
     def __call__(self, x0: Tensor, cond: Conditioning, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         return self.matching(x0, cond, generator)
@@ -67,6 +71,7 @@ class DIPlusPlus(DI):
 
     def __call__(self, x0: Tensor, cond: Conditioning, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         loss, logs = self.matching(x0, cond, generator)
-        reward = reward_at(self.reward, self.teacher, x0, cond)
-        logs["reward"] = reward.mean().item()
-        return loss - self.alpha_rew * reward, logs
+        reward, reward_grad = reward_and_gradient(self.reward, self.teacher, x0, cond)
+        direction = -self.alpha_rew * reward_grad
+        logs |= {"reward": reward.mean().item(), "update_norm_reward": update_norm(direction)}
+        return loss + directed_loss(-self.alpha_rew * reward, x0, direction), logs

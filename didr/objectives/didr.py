@@ -8,6 +8,7 @@ of its weighting ('uniform': DI; 'dmd2': DMD2 without reward; docs/algorithm.md 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -22,11 +23,31 @@ from didr.objectives.common import (
     matching_weight,
     pseudo_loss,
     reward_at,
+    update_norm,
 )
 from didr.objectives.drs import DiffusedRewardProxy, SuppliedDRS
 from didr.rewards.base import DRSFn, Reward
 
 Damping = Callable[[Tensor], Tensor]
+TIME_BINS = (0.0, 0.5, 1.0)
+"""The edges of the t bins over which the DRS shift is compared with the matching direction: below and above the
+toy world's drs_t_max. Finer bins at low t are not reproducible: there x0_psi - x0_ref is a small difference of two
+nearly equal predictions, so its norm moves by 1e-5 relative with the 6e-8 drift of the weights between micro-batch
+splits (tests/test_distributed.py)."""
+
+
+def norms_by_time(t: Tensor, shift: Tensor, matching: Tensor, weight: Tensor) -> dict[str, float]:
+    """Per bin of TIME_BINS, the batch means of 1[t in bin] u ||(s^2 / a) gamma DRS|| and 1[t in bin] u ||x0_psi -
+    x0_ref||, the reward and matching parts of the update at those noise levels (§5.2, docs/algorithm.md §4.5): summed
+    over any steps, their quotient is how far the reward tilts the target against the matching direction there
+    (means, not ratios, so that micro-batches, processes and steps add up; over the bins they sum to the totals)."""
+    shift_norm, matching_norm = weight * shift.flatten(1).norm(dim=1), weight * matching.flatten(1).norm(dim=1)
+    logs = {}
+    for low, high in itertools.pairwise(TIME_BINS):
+        inside = ((t >= low) & ((t < high) if high < 1 else (t <= high))).to(shift.dtype)
+        logs[f"drs_shift_t{low:.2f}-{high:.2f}"] = (inside * shift_norm).mean().item()
+        logs[f"matching_t{low:.2f}-{high:.2f}"] = (inside * matching_norm).mean().item()
+    return logs
 
 
 class DIDR:
@@ -76,12 +97,16 @@ class DIDR:
             damping = damping * self.gamma(noisy.t)
         shift = expand_like(damping, x0) * noisy.s**2 / noisy.a * drs
         direction = x0_fake - (x0_ref + shift)
-        loss = pseudo_loss(x0, direction, matching_weight(self.weighting, noisy, x0, x0_ref))
+        weight = matching_weight(self.weighting, noisy, x0, x0_ref)
+        loss = pseudo_loss(x0, direction, weight)
         logs = {
             "loss_ikl": loss.mean().item(),
-            "direction_norm": direction.flatten(1).norm(dim=1).mean().item(),
-            "drs_norm": shift.flatten(1).norm(dim=1).mean().item(),
+            "direction_norm": update_norm(direction),
+            "drs_norm": update_norm(shift),
+            "update_norm_matching": update_norm(x0_fake - x0_ref, weight),
+            "update_norm_reward": update_norm(shift, weight),
         }
+        logs |= norms_by_time(noisy.t, shift, x0_fake - x0_ref, weight)
         if isinstance(self.estimator, DiffusedRewardProxy) and self.estimator.mode == "curvature":
             logs["drs_fallback"] = self.estimator.fallback_fraction  # share of the batch that fell back to Tweedie
         if self.reward is not None:  # logged only, like the other methods' reward at the clean image

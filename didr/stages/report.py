@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from didr.evaluation.curves import write_curves
+from didr.evaluation.matched import write_matched
 from didr.evaluation.pareto import hypervolume, pareto_front
 from didr.evaluation.sampling import image_grid
 from didr.stages.common import read_run_params
@@ -132,10 +133,23 @@ def grid_figure(sample_dirs: list[Path], path: Path, columns: int = 12) -> None:
     plt.close(fig)
 
 
+def matched_reward(table: pd.DataFrame, rewards: list[str], folder: Path, cost: str = "fid_real") -> str:
+    """Per reward, folder/matched_<reward>.{csv,png}: the aligned methods' fidelity at matched reward over seeds
+    (didr/evaluation/matched.py); returns matched.md, whose gains are over the one-step warm start when it is scored."""
+    cost_ref = float(table[cost].max()) * 1.05  # front_table's reference cost
+    warm = table[table["method"] == "one-step (warm start)"]
+    sections = []
+    for reward in rewards:
+        baseline = float(warm[f"{reward}_mean"].iloc[0]) if len(warm) else None
+        sections.append(write_matched(table[~is_reference(table["method"])], reward, folder, cost, cost_ref, baseline))
+    return "# Fronts at matched reward\n\n" + "\n".join(sections)
+
+
 def run_report(
     score_dirs: list[Path], sample_dirs: list[Path], rewards: list[str], out: Path, run_dirs: Sequence[Path] = ()
 ) -> None:
-    """out/metrics.{parquet,csv,json}, out/fronts.csv, out/pareto_<reward>.png, out/grid.png; with the align runs'
+    """out/metrics.{parquet,csv,json}, out/fronts.csv, out/pareto_<reward>.png, out/matched_<reward>.{csv,png} and
+    out/matched.md (fronts at matched reward), out/grid.png; with the align runs'
     folders, their training curves: out/curves_<method>.png, out/curves/<metric>.csv and out/curves.md (captions)."""
     table = with_nfe(collect(score_dirs), sample_dirs)
     for folder in run_dirs:
@@ -152,6 +166,7 @@ def run_report(
         for reward in rewards:
             plot_front(table, fronts[fronts["reward"] == reward], reward, tmp / f"pareto_{reward}.png")
         grid_figure(sample_dirs, tmp / "grid.png")
+        write_text_atomic(tmp / "matched.md", matched_reward(table, rewards, tmp))
         figures = write_curves(list(run_dirs), tmp)
         if figures:
             captions = "".join(f"![{name}]({name})\n\n{text}\n\n" for name, text in figures)
