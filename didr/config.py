@@ -115,6 +115,19 @@ class PolicyParams:
 
 
 @dataclass
+class RTDMDParams:
+    """acdmd / rtdmd (docs/algorithm.md §8.7): rtdmd runs `acdmd_steps` steps of AC-DMD, then SubGRPO (align.policy)
+    plus acdmd_weight AC-DMD + weight ReLU(reward_margin - r) at the last step, at `stage_two_lr` (default align.lr);
+    the fake's consistency weight."""
+
+    acdmd_steps: int = 0
+    stage_two_lr: float | None = None
+    reward_margin: float = 3.0
+    acdmd_weight: float = 1e-3
+    consistency_weight: float = 0.01
+
+
+@dataclass
 class AlignParams:
     """One alignment run; `strength` is beta for didr, alpha_rew for dipp, the reward weight for dmd2."""
 
@@ -133,6 +146,7 @@ class AlignParams:
     drs_t_max: float = 0.5
     checkpoint_every: int = 100
     policy: PolicyParams = field(default_factory=PolicyParams)
+    rtdmd: RTDMDParams = field(default_factory=RTDMDParams)
 
 
 @dataclass
@@ -306,7 +320,7 @@ def _world_mismatch(data: dict[str, Any]) -> str | None:
 def _generator_problem(data: dict[str, Any]) -> str | None:
     """warmup.generator's times against its steps, the 'sde' sampler on a VP teacher, and the policy methods' needs
     (stochastic transitions; SubGRPO's train_steps <= step_range <= K - 1; min_count <= buffer_size)."""
-    from didr.methods import policy_methods
+    from didr.methods import policy_methods, rtdmd_methods
 
     g = {**dataclasses.asdict(GeneratorParams()), **data.get("warmup", {}).get("generator", {})}
     key = "warmup.generator"
@@ -324,6 +338,10 @@ def _generator_problem(data: dict[str, Any]) -> str | None:
     if policy["groups_per_update"] is not None and policy["groups_per_update"] > policy["groups"]:
         return "align.policy.groups_per_update: must not exceed align.policy.groups"
     for method in data.get("grid", {}).get("methods", {}):
+        if method in rtdmd_methods():
+            problem = _rtdmd_problem(method, data, g, policy)
+            if problem:
+                return problem
         if method not in policy_methods():
             continue
         if g["steps"] < 2:
@@ -337,6 +355,35 @@ def _generator_problem(data: dict[str, Any]) -> str | None:
                     f"align.policy.train_steps: need train_steps <= step_range <= {g['steps'] - 1} transitions, got "
                     f"{policy['train_steps']}, {policy['step_range']}"
                 )
+    return None
+
+
+def _rtdmd_problem(method: str, data: dict[str, Any], g: dict[str, Any], policy: dict[str, Any]) -> str | None:
+    """acdmd / rtdmd: a flow teacher, a few-step 'cps' sampler; rtdmd: stochastic transitions, SubGRPO's train_steps <=
+    step_range <= K - 1, and a stage 2 (align.rtdmd.acdmd_steps < align.steps)."""
+    key = "warmup.generator"
+    if data.get("teacher", {}).get("kind", TeacherParams.kind) == "vp":
+        return f"teacher.kind: {method} (AC-DMD) needs a flow teacher, got vp"
+    if g["steps"] < 2:
+        return f"{key}.steps: {method} trains a few-step generator and needs steps >= 2, got {g['steps']}"
+    if g["sampler"] != "cps":
+        return f"{key}.sampler: {method} steps back with the 'cps' transition, got {g['sampler']!r}"
+    if method != "rtdmd":
+        return None
+    if g["eta"] == 0:
+        return f"{key}.eta: rtdmd needs a stochastic sampler (eta > 0), got 0"
+    transitions = g["steps"] - 1
+    chosen, limit = policy["train_steps"] or transitions, policy["step_range"] or transitions
+    if not chosen <= limit <= transitions:
+        return (
+            f"align.policy.train_steps: need train_steps <= step_range <= {transitions} transitions, got "
+            f"{policy['train_steps']}, {policy['step_range']}"
+        )
+    align = data.get("align", {})
+    acdmd_steps = align.get("rtdmd", {}).get("acdmd_steps", RTDMDParams.acdmd_steps)
+    steps = align.get("steps", AlignParams.steps)
+    if acdmd_steps >= steps:
+        return f"align.rtdmd.acdmd_steps: {acdmd_steps} leaves rtdmd no stage-2 step (align.steps is {steps})"
     return None
 
 

@@ -82,13 +82,35 @@ class PolicyInputs:
         return {key: getattr(self.policy, key) for key in keys}
 
 
-LOOPS = ("align", "policy")
+@dataclass(frozen=True)
+class FewStepInputs(ObjectiveInputs):
+    """What an AC-DMD / RTDMD method (loop "rtdmd") is built from: the align inputs plus the few-step generator's
+    transition eta, at which AC-DMD steps back with the CPS transition (docs/algorithm.md §8.7)."""
+
+    eta: float = 0.9
+
+    def acdmd(self) -> Any:
+        """AC-DMD (§8.2) against the teacher with align.rtdmd.consistency_weight."""
+        from didr.objectives.acdmd import ACDMD
+
+        return ACDMD(**self.matching(), eta=self.eta, consistency_weight=self.align.rtdmd.consistency_weight)
+
+    def grpo(self) -> Any:
+        """SubGRPO (§8.3) with align.policy's group_size, clip_range, adv_clip, train_steps and step_range."""
+        from didr.objectives.grpo import GRPO
+
+        keys = ("group_size", "clip_range", "adv_clip", "train_steps", "step_range")
+        return GRPO(**{key: getattr(self.align.policy, key) for key in keys})
+
+
+LOOPS = ("align", "policy", "rtdmd")
 
 
 @dataclass(frozen=True)
 class Method:
     """One alignment method. `objective` is "module:Class"; `settings` maps the inputs (ObjectiveInputs for loop
-    "align", didr.training.loop.align; PolicyInputs for loop "policy", didr.training.rl.train_policy) to the class's
+    "align", didr.training.loop.align; PolicyInputs for loop "policy", didr.training.rl.train_policy; FewStepInputs
+    for loop "rtdmd", didr.training.rtdmd.train_rtdmd) to the class's
     keyword arguments (the strength aside: `build_objective` passes it as `strength.argument`); `strength` is None
     for a method without one (its runs have no strength axis)."""
 
@@ -181,6 +203,28 @@ METHODS: dict[str, Method] = {
             settings=lambda i: i.settings("group_size", "clip_range", "adv_clip", "train_steps", "step_range"),
             loop="policy",
         ),
+        Method(
+            name="acdmd",
+            objective="didr.objectives.rtdmd:RTDMD",
+            help="AC-DMD: distribution matching at the few-step generator's intermediate states (RTDMD stage 1)",
+            settings=lambda i: {"acdmd": i.acdmd()},
+            loop="rtdmd",
+        ),
+        Method(
+            name="rtdmd",
+            objective="didr.objectives.rtdmd:RTDMD",
+            help="RTDMD: align.rtdmd.acdmd_steps of AC-DMD, then SubGRPO plus the last-step reward hinge and AC-DMD",
+            settings=lambda i: {
+                "acdmd": i.acdmd(),
+                "grpo": i.grpo(),
+                "reward": i.reward,
+                "reward_margin": i.align.rtdmd.reward_margin,
+                "acdmd_weight": i.align.rtdmd.acdmd_weight,
+                "acdmd_steps": i.align.rtdmd.acdmd_steps,
+            },
+            strength=Strength("weight", "reward_weight", "weight of the last-step reward hinge ReLU(margin - r)"),
+            loop="rtdmd",
+        ),
     )
 }
 
@@ -201,7 +245,7 @@ def build_objective(
     decoder and reward in the backward pass (didr)."""
     m = get_method(method)
     if m.loop != "align":
-        raise ValueError(f"method: {method} trains with the policy loop; build it with build_policy_method")
+        raise ValueError(f"method: {method} trains with the {m.loop} loop, not the align loop")
     kwargs = m.settings(ObjectiveInputs(teacher, fake, reward, align, checkpoint))
     if m.strength is not None:
         kwargs[m.strength.argument] = strength
@@ -215,6 +259,25 @@ def build_policy_method(method: str, policy: PolicyParams, prompts: int, transit
     if m.loop != "policy":
         raise ValueError(f"method: {method} trains with the align loop; build it with build_objective")
     return m.objective_class()(**m.settings(PolicyInputs(policy, prompts, transitions)))
+
+
+def build_rtdmd_method(
+    method: str, strength: float, teacher: Denoiser, fake: Denoiser, reward: Reward, align: AlignParams, eta: float
+):  # fmt: skip
+    """The AC-DMD / RTDMD method `method` (loop "rtdmd") at `strength` (rtdmd's reward weight), for a generator
+    whose CPS transitions run at `eta`."""
+    m = get_method(method)
+    if m.loop != "rtdmd":
+        raise ValueError(f"method: {method} trains with the {m.loop} loop, not the rtdmd loop")
+    kwargs = m.settings(FewStepInputs(teacher, fake, reward, align, eta=eta))
+    if m.strength is not None:
+        kwargs[m.strength.argument] = strength
+    return m.objective_class()(**kwargs)
+
+
+def rtdmd_methods() -> list[str]:
+    """The methods trained by the AC-DMD / RTDMD loop (didr/training/rtdmd.py)."""
+    return [name for name, m in METHODS.items() if m.loop == "rtdmd"]
 
 
 def policy_methods() -> list[str]:

@@ -41,6 +41,7 @@ EXPECTED = {
     "reward_only": (RewardOnly, None),
 }
 POLICY = {"sdpo": SDPO, "grpo": GRPO}  # the on-policy loop's methods (didr/training/rl.py), no strength axis
+RTDMD_LOOP = ("acdmd", "rtdmd")  # the AC-DMD / RTDMD loop's methods (didr/training/rtdmd.py; tests/test_rtdmd.py)
 
 
 def models():
@@ -60,7 +61,7 @@ def test_the_schema_grid_and_command_line_name_the_registry_methods():
     assert align_action("--method").metavar == "{" + ",".join(METHODS) + "}"
     assert all(f"{name}: {m.help}" in align_action("--method").help for name, m in METHODS.items())
     assert strength_axes() in align_action("--strength").help
-    assert set(EXPECTED) | set(POLICY) == set(METHODS) and policy_methods() == list(POLICY)
+    assert set(EXPECTED) | set(POLICY) | set(RTDMD_LOOP) == set(METHODS) and policy_methods() == list(POLICY)
 
 
 def test_the_grid_reads_each_methods_strength_axis():

@@ -59,7 +59,10 @@ def test_repository_params_and_prompt_files_are_valid_and_in_sync():
         ("grid:\n  seeds: [0]\n  methods: {dipp: {alpha: [-2]}}\n", "grid.methods.dipp.alpha[0]: -2 is less than"),
         ("grid:\n  seeds: [0]\n  methods: {didr: {beta: []}}\n", "grid.methods.didr.beta: no values"),
         ("grid:\n  seeds: []\n  methods: {di: {}}\n", "grid.seeds: no values"),
-        ("grid:\n  seeds: [0]\n  methods: {dird: {beta: [1]}}\n", "grid.methods.dird: unknown key (known: di, didr"),
+        (
+            "grid:\n  seeds: [0]\n  methods: {dird: {beta: [1]}}\n",
+            "grid.methods.dird: unknown key (known: acdmd, di, didr",
+        ),
         ("grid:\n  seeds: [0]\n  methods: {didr: {beta: [1], gamma: [2]}}\n", "grid.methods.didr.gamma: unknown key"),
         ("grid:\n  seeds: [0]\n  methods: {didr: {drs_t_max: [0.5]}}\n", "grid.methods.didr.beta: missing"),
         ("grid:\n  seeds: [0]\n  methods: {}\n", "grid.methods: {} should be non-empty"),

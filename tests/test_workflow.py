@@ -32,7 +32,15 @@ def test_dry_run_plans_every_stage_of_the_grid(tmp_path, preset, expected):
     assert planned_jobs(project, *args) == stage_counts(runs)
 
 
-ZOO_PRESETS = {"sdxl-dipp": 8, "sdxl-didr": 9, "sdxl-dmd2": 3, "zimage-didr": 9}
+ZOO_PRESETS = {
+    "sdxl-dipp": 8,
+    "sdxl-didr": 9,
+    "sdxl-dmd2": 3,
+    "sdxl-dmd2-full-x8": 3,
+    "zimage-didr": 9,
+    "sdturbo-sdpo": 1,
+    "sd35-rtdmd": 2,
+}
 
 
 @pytest.mark.parametrize(("preset", "runs"), ZOO_PRESETS.items())

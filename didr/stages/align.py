@@ -15,7 +15,7 @@ from didr.config import Params
 from didr.diffusion import UniformTime
 from didr.fewstep import FewStepGenerator
 from didr.grid import Run
-from didr.methods import build_objective, build_policy_method, get_method
+from didr.methods import build_objective, build_policy_method, build_rtdmd_method, get_method
 from didr.objectives.fake_score import FakeScoreLoss
 from didr.stages.common import (
     generator_record,
@@ -26,11 +26,12 @@ from didr.stages.common import (
     load_teacher,
     read_run_params,
 )
-from didr.stages.io import save_weights, write_text_atomic
-from didr.training.atomic import atomic_dir
+from didr.stages.io import trained_state, write_text_atomic
+from didr.training.atomic import atomic_dir, save_tensors
 from didr.training.distributed import start_processes
 from didr.training.loop import align
 from didr.training.rl import train_policy
+from didr.training.rtdmd import train_rtdmd
 
 
 def run_align(
@@ -43,6 +44,7 @@ def run_align(
     device: str = "auto",
     progress: bool = True,
     accumulation: int = 1,
+    strategy: str = "ddp",
 ) -> None:
     """out/generator.safetensors (the EMA), out/fake.safetensors, out/metrics.parquet, out/params.json, written
     together when the run ends. Checkpoints go to `checkpoint_dir` (default out/../<name>.checkpoints), outside the
@@ -51,8 +53,9 @@ def run_align(
     a change starts afresh, and only what the run trains with is checked against a checkpoint (an edit elsewhere in
     the params file, such as another run added to the grid, does not stop a retried run from resuming). `run` names
     the method, its strength and the seed; `params.align` already carries the run's overrides. Under torchrun each
-    process computes its share of the batch in `accumulation` micro-batches, and the main process writes."""
-    processes = start_processes(device)
+    process computes its share of the batch in `accumulation` micro-batches (`strategy`: ddp, or fsdp sharding the
+    generator and the fake score over the processes), and the main process writes."""
+    processes = start_processes(device, strategy)
     dev = processes.device
     teacher = load_teacher(teacher_dir, dev)
     if params.finetune.gradient_checkpointing:
@@ -61,13 +64,14 @@ def run_align(
     generator, fake = load_generator(teacher, warmup_dir).train(), load_fake(teacher, warmup_dir)
     a = params.align
     method, strength, seed = run.method, run.strength, run.seed
-    policy = get_method(method).loop == "policy"
+    loop = get_method(method).loop
+    policy = loop != "align"
     if policy and processes.world > 1:
         raise ValueError(f"{method}: runs on one process only (--processes 1)")
     record = {
         "stage": "align", "method": method, "strength": strength, "seed": seed, "run": run.id,
         "setting": run.setting, "params": asdict(params), "generator": generator_record(generator),
-        "processes": processes.world, "accumulation": accumulation,
+        "processes": processes.world, "accumulation": accumulation, "strategy": strategy,
     }  # fmt: skip
     identity = {
         "align": asdict(a), "finetune": asdict(params.finetune), "reward": params.rewards.train,
@@ -78,20 +82,9 @@ def run_align(
     digest = sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     checkpoint_dir = (checkpoint_dir or out.with_name(out.name + ".checkpoints")) / digest
     prompts = load_prompts(teacher_dir, "train", dev)
-    if policy:  # the on-policy loop (§8.5) trains the generator's stochastic transitions; the fake stays as warmed
-        if not isinstance(generator, FewStepGenerator):
-            raise ValueError(f"warmup.generator.steps: {method} needs a few-step generator (steps >= 2), got 1")
-        train_policy(  # in place: the policy has no EMA
-            generator, build_policy_method(method, a.policy, len(prompts), generator.steps - 1), reward, prompts,
-            epochs=a.steps, groups=a.policy.groups, groups_per_update=a.policy.groups_per_update,
-            inner_epochs=a.policy.inner_epochs, lr=a.lr, grad_clip=a.grad_clip, seed=seed,
-            checkpoint_dir=checkpoint_dir, checkpoint_every=a.checkpoint_every, params=identity, resume=True,
-            metrics_path=checkpoint_dir / "metrics.parquet", progress=progress,
-        )  # fmt: skip
-        trained: nn.Module = generator
-    else:
+    if not policy:
         objective = build_objective(method, strength, teacher, fake, reward, a, params.finetune.gradient_checkpointing)
-        trained = align(
+        trained: nn.Module = align(
             generator, objective, prompts, steps=a.steps, batch_size=a.batch_size,
             fake=fake, fake_loss=FakeScoreLoss(fake, UniformTime(a.t_min, a.t_max_sampling)),
             fake_updates=a.fake_updates, lr=a.lr, fake_lr=a.fake_lr, grad_clip=a.grad_clip, ema_decay=a.ema_decay,
@@ -99,11 +92,33 @@ def run_align(
             metrics_path=checkpoint_dir / "metrics.parquet", params=identity, resume=True, progress=progress,
             processes=processes, accumulation=accumulation,
         ).ema  # fmt: skip
+    elif not isinstance(generator, FewStepGenerator):  # the policy and rtdmd loops train K-step samplers
+        raise ValueError(f"warmup.generator.steps: {method} needs a few-step generator (steps >= 2), got 1")
+    elif loop == "rtdmd":  # AC-DMD, then RTDMD's stage 2 (§8.7): the fake score trains at intermediate states
+        rtdmd = build_rtdmd_method(method, strength, teacher, fake, reward, a, generator.eta)
+        trained = train_rtdmd(
+            generator, fake, rtdmd, prompts, steps=a.steps, batch_size=a.batch_size, groups=a.policy.groups,
+            fake_updates=a.fake_updates, lr=a.lr, stage_two_lr=a.rtdmd.stage_two_lr, fake_lr=a.fake_lr,
+            grad_clip=a.grad_clip, ema_decay=a.ema_decay, seed=seed, checkpoint_dir=checkpoint_dir,
+            checkpoint_every=a.checkpoint_every, metrics_path=checkpoint_dir / "metrics.parquet", params=identity,
+            resume=True, progress=progress,
+        ).ema  # fmt: skip
+    else:  # the on-policy loop (§8.5) trains the generator's stochastic transitions; the fake stays as warmed
+        train_policy(  # in place: the policy has no EMA
+            generator, build_policy_method(method, a.policy, len(prompts), generator.steps - 1), reward, prompts,
+            epochs=a.steps, groups=a.policy.groups, groups_per_update=a.policy.groups_per_update,
+            inner_epochs=a.policy.inner_epochs, lr=a.lr, grad_clip=a.grad_clip, seed=seed,
+            checkpoint_dir=checkpoint_dir, checkpoint_every=a.checkpoint_every, params=identity, resume=True,
+            metrics_path=checkpoint_dir / "metrics.parquet", progress=progress,
+        )  # fmt: skip
+        trained = generator
+    weights = {"generator": trained_state(trained), "fake": trained_state(fake)}
+    weights = {name: processes.full(state) for name, state in weights.items()}  # fsdp: every process gathers
     if not processes.main:
         return
     with atomic_dir(out) as tmp:
-        save_weights(trained, tmp / "generator.safetensors")
-        save_weights(fake, tmp / "fake.safetensors")
+        for name, state in weights.items():
+            save_tensors({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / f"{name}.safetensors")
         shutil.copy2(checkpoint_dir / "metrics.parquet", tmp / "metrics.parquet")
         write_text_atomic(tmp / "params.json", json.dumps(record, indent=1))
 

@@ -12,7 +12,7 @@ import copy
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -36,6 +36,7 @@ from didr.training.checkpoint import (
 from didr.training.distributed import Processes, check_batch
 from didr.training.metrics_log import MetricsLog
 from didr.training.preemption import stop_on_signals
+from didr.training.sharded_checkpoint import resume_sharded, save_sharded_checkpoint
 
 Objective = Callable[[Tensor, Conditioning, torch.Generator], tuple[Tensor, dict[str, float]]]
 
@@ -91,6 +92,20 @@ def _trained(module: nn.Module | None) -> dict[str, Tensor]:
     return {} if module is None else {n: p for n, p in module.named_parameters() if p.requires_grad}
 
 
+def clip_gradients(params: Sequence[Tensor], max_norm: float, elements: int = 1) -> tuple[Tensor, dict[str, float]]:
+    """Clip the gradient of a loss summed over `elements` per sample as DMD2 clips its per-element mean, at
+    max_norm * elements (docs/algorithm.md §4.5). Returns the pre-clip norm and, on the per-element-mean scale,
+    the norms before and after clipping and whether it acted."""
+    threshold = max_norm * elements
+    norm = torch.nn.utils.clip_grad_norm_(params, threshold)
+    applied = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    return norm, {
+        "grad_norm_mean_scale": norm.item() / elements,
+        "grad_norm_applied_mean_scale": applied.item() / elements,
+        "grad_clipped": float(norm.item() > threshold),
+    }
+
+
 def _lr_factor(schedule: str, step: int, steps: int) -> float:
     if schedule == "constant":
         return 1.0
@@ -129,6 +144,9 @@ def align(
     """Align `generator` by minimising `objective`; the fake score (if it has parameters) trains by `fake_loss`.
 
     A fake score with no trainable parameters (an exact one, e.g. AffineFakeScore) is used as it is.
+    `grad_clip` is DMD2's max_grad_norm, on the scale of a loss averaged over a sample's elements: the objectives sum
+    over them, so the generator's gradient is clipped at grad_clip x elements, the fake score's (a mean) at grad_clip;
+    each step logs the norms before and after and whether clipping acted (docs/algorithm.md §4.5).
     `batch_size` is the global batch: with `processes` (several, started by torchrun) and `accumulation`
     micro-batches, each process computes batch_size / (world x accumulation) samples at a time, and the run's
     losses and weights equal one process's on the whole batch up to the order of floating-point sums.
@@ -155,8 +173,14 @@ def align(
     processes = processes or Processes(device)
     micro = check_batch(batch_size, processes.world, accumulation)
     max_norm = float("inf") if grad_clip is None else grad_clip
+    elements = math.prod(cast("tuple[int, ...]", generator.sample_shape))  # the generator loss sums over these
     rng = SlicedGenerator(device, parts=processes.world * accumulation)
     rng.manual_seed(seed)
+    frozen = {id(p): p for p in generator.parameters() if not p.requires_grad}  # shared, not copied (LoRA bases)
+    ema = processes.shard(copy.deepcopy(generator, frozen).requires_grad_(False))  # copied before any sharding
+    wrapped = processes.wrap(processes.shard(generator))  # fsdp: sharded in place, before its optimiser is made
+    if fake is not None:
+        processes.shard(fake)
     gen_params = [p for p in generator.parameters() if p.requires_grad]
     gen_opt: torch.optim.Optimizer = torch.optim.AdamW(gen_params, lr=lr, betas=adam_betas, weight_decay=weight_decay)
     fake_params = [] if fake is None else [p for p in fake.parameters() if p.requires_grad]
@@ -168,10 +192,7 @@ def align(
         assert fake is not None and fake_loss is not None  # fake_params come from a fake score, which needs its loss
         fake_opt = torch.optim.AdamW(fake_params, lr=fake_lr or lr, betas=adam_betas, weight_decay=weight_decay)
         fake_step = processes.wrap(FakeStep(fake, fake_loss))
-    frozen = {id(p): p for p in generator.parameters() if not p.requires_grad}  # shared, not copied (LoRA bases)
-    ema = copy.deepcopy(generator, frozen).requires_grad_(False)
     trained, ema_tensors = _trained(generator), dict(ema.named_parameters())
-    wrapped = processes.wrap(generator)
     watched = {f"generator/{n}": p for n, p in trained.items()} | {f"fake/{n}": p for n, p in _trained(fake).items()}
     loop = dict(
         steps=steps, batch_size=batch_size, fake_updates=fake_updates, lr=lr, fake_lr=fake_lr, adam_betas=adam_betas,
@@ -188,7 +209,10 @@ def align(
         identity={"method": type(objective).__name__, "params": params or {}, "loop": loop},
     )
     log = MetricsLog(metrics_path if processes.main else None)
-    start, last = resume_from(checkpoint_dir, state, resume)  # the newest intact checkpoint, skipping damaged ones
+    if processes.sharded:  # the newest intact checkpoint, skipping damaged ones
+        start, last = resume_sharded(checkpoint_dir, state, resume, processes)
+    else:
+        start, last = resume_from(checkpoint_dir, state, resume)
     log.resume(start)
     processes.barrier()  # every process has read the checkpoint before the main one may write the next
     result = AlignmentResult(generator, ema, log.rows)
@@ -197,10 +221,15 @@ def align(
         """Flush the metric log, then (with checkpoint_dir) checkpoint: the log never lags the newest checkpoint."""
         if processes.main:
             log.flush()
-            if checkpoint_dir is not None:
-                save_checkpoint(checkpoint_dir, done, state, keep_checkpoints)
+        if checkpoint_dir is None:
+            processes.barrier()
+            return None
+        if processes.sharded:  # every process writes its shards
+            return save_sharded_checkpoint(checkpoint_dir, done, state, keep_checkpoints, processes)
+        if processes.main:
+            save_checkpoint(checkpoint_dir, done, state, keep_checkpoints)
         processes.barrier()
-        return None if checkpoint_dir is None else checkpoint_path(checkpoint_dir, done)
+        return checkpoint_path(checkpoint_dir, done)
 
     bar = tqdm(total=steps, initial=start, desc="align", file=sys.stderr, disable=not (progress and processes.main))
     with stop_on_signals(enabled=checkpoint_dir is not None) as stop, bar:
@@ -223,9 +252,10 @@ def align(
                             loss, fake_logs = fake_step(x0, cond, rng)
                             (loss.mean() / accumulation).backward()
                         rows.append(fake_logs)
-                    fake_norm = torch.nn.utils.clip_grad_norm_(fake_params, max_norm)
+                    fake_norm, fake_clipping = clip_gradients(fake_params, max_norm)  # its loss is a mean already
                     fake_opt.step()
                     logs.update(_mean(rows), grad_norm_fake=fake_norm.item())
+                    logs.update(grad_clipped_fake=fake_clipping["grad_clipped"])
 
             for group in gen_opt.param_groups:
                 group["lr"] = lr * factor
@@ -240,7 +270,7 @@ def align(
                 rows.append(gen_logs)
                 total += loss.item()
             logs = processes.mean(logs | _mean(rows) | {"loss": total})
-            norm = torch.nn.utils.clip_grad_norm_(gen_params, max_norm)
+            norm, clipping = clip_gradients(gen_params, max_norm, elements)
             gen_opt.step()
             with torch.no_grad():  # the trained tensors only: the frozen ones (LoRA bases) are shared with the EMA
                 for name, p in trained.items():
@@ -251,7 +281,7 @@ def align(
                 if processes.main:
                     log.flush()
                 raise
-            logs.update(grad_norm=norm.item(), step_seconds=time.perf_counter() - began)
+            logs.update(clipping, grad_norm=norm.item(), step_seconds=time.perf_counter() - began)
             log.append(logs)
             bar.set_postfix(loss=f"{logs['loss']:.4g}", refresh=False)
             bar.update()

@@ -62,7 +62,7 @@ class PolicyResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def _rollout(
+def rollout(
     generator: Policy, method: PolicyMethod, reward: Reward, prompts: Conditioning, groups: int, rng: torch.Generator
 ) -> tuple[Trajectory, Conditioning, Tensor, list[int], dict[str, float]]:
     """One epoch's samples: the trajectories, their prompts, advantages [N, K-1], trained steps and logged scalars."""
@@ -144,7 +144,7 @@ def train_policy(
     with stop_on_signals(enabled=checkpoint_dir is not None) as stop, bar:
         for epoch in range(start, epochs):
             began = time.perf_counter()
-            trajectory, cond, advantages, steps, logs = _rollout(generator, method, reward, prompts, groups, rng)
+            trajectory, cond, advantages, steps, logs = rollout(generator, method, reward, prompts, groups, rng)
             losses, norms = [], []
             for _ in range(inner_epochs):
                 for chunk in torch.randperm(groups, generator=rng, device=rng.device).split(groups_per_update):
