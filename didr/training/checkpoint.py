@@ -70,13 +70,13 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(cast("re.Match[str]", NAME.fullmatch(p.name))[1]))  # all match NAME
 
 
-def save_checkpoint(folder: str | Path, step: int, state: TrainingState, keep: int) -> Path:
-    """Write the checkpoint of `step` atomically, then delete all but the newest `keep` and the temporary files a
-    killed writer left; returns its path."""
-    flat = {"rng/sampling": state.rng.get_state(), "rng/torch": torch.get_rng_state()}
+def flatten_state(state: TrainingState, torch_rng: Tensor) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The tensors a checkpoint stores, by name (the RNG states, each part's tensors, the optimisers' tensor states),
+    and per optimiser what is not a tensor (its param groups and scalar states), JSON-able."""
+    flat = {"rng/sampling": state.rng.get_state(), "rng/torch": torch_rng}
     for part, tensors in state.tensors.items():
         flat.update({f"{part}/{name}": t.detach().contiguous() for name, t in tensors.items()})
-    metadata = {"format": FORMAT, "step": str(step)} | {k: json.dumps(v) for k, v in state.identity.items()}
+    optimizers = {}
     for name, optimizer in state.optimizers.items():
         saved = optimizer.state_dict()
         other: dict[int, dict[str, Any]] = {}
@@ -86,7 +86,16 @@ def save_checkpoint(folder: str | Path, step: int, state: TrainingState, keep: i
                     flat[f"{name}/{index}/{field}"] = value.contiguous()
                 else:
                     other.setdefault(index, {})[field] = value
-        metadata[name] = json.dumps({"param_groups": saved["param_groups"], "state": other})
+        optimizers[name] = {"param_groups": saved["param_groups"], "state": other}
+    return flat, optimizers
+
+
+def save_checkpoint(folder: str | Path, step: int, state: TrainingState, keep: int) -> Path:
+    """Write the checkpoint of `step` atomically, then delete all but the newest `keep` and the temporary files a
+    killed writer left; returns its path."""
+    flat, optimizers = flatten_state(state, torch.get_rng_state())
+    metadata = {"format": FORMAT, "step": str(step)} | {k: json.dumps(v) for k, v in state.identity.items()}
+    metadata |= {name: json.dumps(saved) for name, saved in optimizers.items()}
     metadata["sha256"] = checksum(flat, metadata)
     path = checkpoint_path(folder, step)
     path.parent.mkdir(parents=True, exist_ok=True)

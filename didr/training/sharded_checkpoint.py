@@ -34,6 +34,7 @@ from didr.training.checkpoint import (
     CheckpointError,
     DamagedCheckpointError,
     TrainingState,
+    flatten_state,
     list_checkpoints,
     raise_if_interrupted,
 )
@@ -162,21 +163,7 @@ def _flatten(state: TrainingState, processes: Processes) -> tuple[dict[str, Tens
     torch_rng = torch.get_rng_state()
     if processes.world > 1:  # process 0's: the one a run of one process would have
         torch.distributed.broadcast(torch_rng, 0)
-    flat = {"rng/sampling": state.rng.get_state(), "rng/torch": torch_rng}
-    for part, tensors in state.tensors.items():
-        flat.update({f"{part}/{name}": t.detach().contiguous() for name, t in tensors.items()})
-    optimizers = {}
-    for name, optimizer in state.optimizers.items():
-        saved = optimizer.state_dict()
-        other: dict[int, dict[str, Any]] = {}
-        for index, fields in saved["state"].items():
-            for field, value in fields.items():
-                if isinstance(value, Tensor):
-                    flat[f"{name}/{index}/{field}"] = value.contiguous()
-                else:
-                    other.setdefault(index, {})[field] = value
-        optimizers[name] = {"param_groups": saved["param_groups"], "state": other}
-    return flat, optimizers
+    return flatten_state(state, torch_rng)
 
 
 def _parameter(key: str, state: TrainingState) -> Tensor:
