@@ -208,7 +208,8 @@ def test_an_auditor_regenerates_a_byte_identical_report(project, clone):
     report = Path("reports") / "tiny"
     assert dvc_json(clone, "status") == {}
     originals = digests(project / report)
-    assert len(originals) == 7 + 2 + 4 + 1 and digests(clone / report) == originals  # + curves: 2 PNG, 4 CSV, md
+    # + curves: 2 PNG, 4 CSV, md; + matched-reward fronts: md, a CSV and a PNG per evaluation reward (2)
+    assert len(originals) == 7 + 2 + 4 + 1 + 1 + 2 * 2 and digests(clone / report) == originals
     shutil.rmtree(clone / report)
     text = run(clone, "dvc", "repro", "--force", "--single-item", "report").stdout
     assert re.findall(r"^Running stage '(.+)':$", text, re.MULTILINE) == ["report"]
