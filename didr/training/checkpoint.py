@@ -26,6 +26,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from didr.training.atomic import save_tensors
+from didr.training.metrics_log import MetricsLog
 from didr.training.preemption import PREEMPTED_EXIT_CODE, raise_if_interrupted  # noqa: F401 (the code: re-exported)
 
 FORMAT = "didr-align-checkpoint/1"
@@ -107,6 +108,28 @@ def save_checkpoint(folder: str | Path, step: int, state: TrainingState, keep: i
     return path
 
 
+def checkpoint_or_stop(
+    done: int,
+    total: int,
+    signal_name: str | None,
+    folder: str | Path | None,
+    every: int,
+    state: TrainingState,
+    keep: int,
+    log: MetricsLog,
+    last: Path | None,
+) -> Path | None:
+    """After `done` of `total` steps (one process): checkpoint every `every` steps, at the end and when a stop signal
+    arrived, the metric log flushed first (it never lags the newest checkpoint); then raise Preempted for the signal.
+    Returns the newest checkpoint."""
+    if folder is not None and (done % every == 0 or done == total or signal_name):
+        log.flush()
+        last = save_checkpoint(folder, done, state, keep)
+    if signal_name:
+        raise Preempted(done, last, signal_name)
+    return last
+
+
 def load_checkpoint(path: str | Path, state: TrainingState) -> int:
     """Verify the file (checksum, finite tensors), check it against `state` (identity, tensor names and shapes), then
     load it; returns its step.
@@ -117,12 +140,19 @@ def load_checkpoint(path: str | Path, state: TrainingState) -> int:
     flat, metadata = _read(Path(path))
     _verify(path, flat, metadata)
     _check(path, flat, metadata, state)
+    restore_state(state, flat, {name: json.loads(metadata[name]) for name in state.optimizers})
+    return int(metadata["step"])
+
+
+def restore_state(state: TrainingState, flat: dict[str, Tensor], optimizers: dict[str, Any]) -> None:
+    """The inverse of flatten_state: copy the tensors into `state`'s, load each optimiser (its tensor states from
+    `flat`, the rest from `optimizers`), set both RNGs."""
     with torch.no_grad():
         for part, tensors in state.tensors.items():
             for name, t in tensors.items():
                 t.copy_(flat[f"{part}/{name}"])
     for name, optimizer in state.optimizers.items():
-        saved = json.loads(metadata[name])
+        saved = optimizers[name]
         fields = {int(i): f for i, f in saved["state"].items()}
         for index, tensors in _optimizer_tensors(flat, name).items():
             fields.setdefault(index, {}).update(tensors)
@@ -133,7 +163,6 @@ def load_checkpoint(path: str | Path, state: TrainingState) -> int:
         optimizer.load_state_dict({"state": fields, "param_groups": groups})
     state.rng.set_state(flat["rng/sampling"])
     torch.set_rng_state(flat["rng/torch"])
-    return int(metadata["step"])
 
 
 def load_latest_checkpoint(folder: str | Path, state: TrainingState) -> tuple[int, Path | None]:

@@ -37,6 +37,7 @@ from didr.training.checkpoint import (
     flatten_state,
     list_checkpoints,
     raise_if_interrupted,
+    restore_state,
 )
 from didr.training.distributed import Processes
 
@@ -113,23 +114,7 @@ def load_sharded_checkpoint(path: str | Path, state: TrainingState, processes: P
     culprit = next((k for k, t in fresh.items() if t.is_floating_point() and not _finite(t)), None)
     if processes.any(culprit is not None):
         raise DamagedCheckpointError(f"checkpoint {path} holds non-finite values in {culprit or 'a shard'}; delete it")
-    with torch.no_grad():
-        for part, tensors in state.tensors.items():
-            for name, t in tensors.items():
-                t.copy_(fresh[f"{part}/{name}"])
-    for name, optimizer in state.optimizers.items():
-        saved = manifest["optimizers"][name]
-        fields: dict[int, dict[str, Any]] = {}
-        for key, t in fresh.items():
-            owner, _, rest = key.partition("/")
-            if owner == name:
-                index, field = rest.split("/", 1)
-                fields.setdefault(int(index), {})[field] = t
-        groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
-                  for g in saved["param_groups"]]  # fmt: skip
-        optimizer.load_state_dict({"state": fields, "param_groups": groups})
-    state.rng.set_state(fresh["rng/sampling"])
-    torch.set_rng_state(fresh["rng/torch"])
+    restore_state(state, fresh, manifest["optimizers"])
     return int(manifest["step"])
 
 
