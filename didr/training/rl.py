@@ -27,7 +27,7 @@ from didr.backbones.base import Conditioning
 from didr.fewstep import Policy, Trajectory
 from didr.objectives.grpo import Score
 from didr.rewards.base import Reward
-from didr.training.checkpoint import Preempted, TrainingState, check_checkpointing, resume_from, save_checkpoint
+from didr.training.checkpoint import TrainingState, check_checkpointing, checkpoint_or_stop, resume_from
 from didr.training.metrics_log import MetricsLog
 from didr.training.preemption import stop_on_signals
 
@@ -175,11 +175,8 @@ def train_policy(
             if on_epoch is not None:
                 on_epoch(epoch, logs)
             done = epoch + 1
-            signal_name = stop.signal_name
-            if checkpoint_dir is not None and (done % checkpoint_every == 0 or done == epochs or signal_name):
-                log.flush()
-                last = save_checkpoint(checkpoint_dir, done, state, keep_checkpoints)
-            if signal_name:
-                raise Preempted(done, last, signal_name)
+            last = checkpoint_or_stop(
+                done, epochs, stop.signal_name, checkpoint_dir, checkpoint_every, state, keep_checkpoints, log, last
+            )
     log.flush()
     return PolicyResult(generator, log.rows)

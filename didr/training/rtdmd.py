@@ -26,12 +26,11 @@ from didr.backbones.base import Conditioning, Denoiser
 from didr.fewstep import FewStepGenerator, Trajectory
 from didr.objectives.rtdmd import RTDMD
 from didr.training.checkpoint import (
-    Preempted,
     TrainingState,
     check_checkpointing,
     check_finite,
+    checkpoint_or_stop,
     resume_from,
-    save_checkpoint,
 )
 from didr.training.loop import AlignmentResult, draw_batch
 from didr.training.metrics_log import MetricsLog
@@ -216,11 +215,8 @@ def train_rtdmd(
             if on_step is not None:
                 on_step(step, logs)
             done = step + 1
-            signal_name = stop.signal_name
-            if checkpoint_dir is not None and (done % checkpoint_every == 0 or done == steps or signal_name):
-                log.flush()
-                last = save_checkpoint(checkpoint_dir, done, state, keep_checkpoints)
-            if signal_name:
-                raise Preempted(done, last, signal_name)
+            last = checkpoint_or_stop(
+                done, steps, stop.signal_name, checkpoint_dir, checkpoint_every, state, keep_checkpoints, log, last
+            )
     log.flush()
     return AlignmentResult(generator, ema, log.rows)
