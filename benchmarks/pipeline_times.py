@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-STAGES = ("teacher", "warmup", "align", "sample", "score", "report")
+STAGES = ("teacher", "warmup", "align", "sample", "score", "report", "export")
 
 
 def stage_table(experiment: str) -> pd.DataFrame:
