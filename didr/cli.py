@@ -233,8 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--accumulation", type=int, default=1,
                          help="micro-batches per process and step: the batch is the same, the memory less")  # fmt: skip
         sub.add_argument("--strategy", default="ddp",
-                         help="ddp: each process holds the networks; fsdp: they are sharded over the processes "
-                              "(FSDP2; docs/pipeline.md)")  # fmt: skip
+                         help="ddp: each process holds the networks; fsdp: the trained ones are sharded over the "
+                              "processes (FSDP2); fsdp-teacher: the teacher too (docs/pipeline.md)")  # fmt: skip
     align.add_argument("--warmup", type=Path, required=True)
     align.add_argument("--method", required=True, metavar="{" + ",".join(METHODS) + "}",
                        help="; ".join(f"{m.name}: {m.help}" for m in METHODS.values()))  # fmt: skip

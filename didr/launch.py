@@ -336,5 +336,5 @@ def add_launch_parser(commands: Any) -> argparse.ArgumentParser:
                 help="processes per run, one per GPU (GPUs per job: this times the stage's)",
             )
             sub.add_argument("--accumulation", type=int, default=1, help="micro-batches per process and step")
-            sub.add_argument("--strategy", default="ddp", help="ddp (networks replicated) or fsdp (sharded)")
+            sub.add_argument("--strategy", default="ddp", help="ddp, fsdp or fsdp-teacher")
     return launch_parser

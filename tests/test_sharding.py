@@ -3,10 +3,10 @@ and for LoRA, and its sharded checkpoints (torch.distributed.checkpoint in safet
 processes; a signal to one process checkpoints them all.
 
 Run under torchrun (`torchrun --nproc_per_node N tests/test_sharding.py FOLDER [--lora-first LORA_FOLDER]
-[--accumulation A] [--signal-rank R --signal-step S]`), this file is the sharded run: the Gaussian DIDR run of
-test_checkpoint_resume (after its LoRA twin in LORA_FOLDER, in the same processes: one start for both), resumed when
-FOLDER holds checkpoints, each run's results gathered whole and written by rank 0 to its folder's
-result.safetensors; exit 75 if preempted.
+[--accumulation A] [--signal-rank R --signal-step S] [--strategy S]`), this file is the sharded run: the Gaussian
+DIDR run of test_checkpoint_resume (after its LoRA twin in LORA_FOLDER, in the same processes: one start for both),
+resumed when FOLDER holds checkpoints, each run's results gathered whole and written by rank 0 to its folder's
+result.safetensors; exit 75 if preempted. Strategy fsdp-teacher shards the frozen reference too.
 """
 
 import argparse
@@ -65,13 +65,14 @@ def sharding_run(folder, lora=False, strategy="fsdp", processes=None, **kwargs):
     ref = GaussianDenoiser(torch.linspace(-0.5, 0.5, 2), torch.eye(2) + 0.5 * torch.ones(2, 2), SCHEDULE).frozen()
     generator, fake = ref.make_generator(0.9), ref.trainable_copy()
     generator = LoraGenerator(generator) if lora else generator
+    processes = processes or Processes(torch.device("cpu"), strategy=strategy)
+    processes.shard_teacher(ref)  # fsdp-teacher: the frozen reference too
     objective = DIDR(ref, fake, QuadraticReward(torch.ones(2), torch.eye(2)), beta=1.0, time_sampling=TIMES)
     settings = dict(
         steps=STEPS, batch_size=16, fake=fake, fake_loss=FakeScoreLoss(fake, TIMES), fake_updates=2, lr=1e-2,
         lr_schedule="cosine", adam_betas=(0.9, 0.99), checkpoint_dir=Path(folder) / "checkpoints",
         checkpoint_every=EVERY, metrics_path=Path(folder) / "metrics.parquet", params={"lora": lora},
     )  # fmt: skip
-    processes = processes or Processes(torch.device("cpu"), strategy=strategy)
     result = align(generator, objective, ref.encode_prompts([""]), **(settings | kwargs | {"processes": processes}))
     tensors = {f"generator/{n}": p for n, p in result.generator.state_dict().items()}
     tensors |= {f"ema/{n}": p for n, p in result.ema.state_dict().items()}
@@ -79,6 +80,8 @@ def sharding_run(folder, lora=False, strategy="fsdp", processes=None, **kwargs):
     if processes.world > 1:  # every network sharded: frozen LoRA bases too, and the EMA
         for name, t in tensors.items():
             assert isinstance(t, DTensor) and t.placements[0].is_shard(), name
+        teacher_sharded = [isinstance(p, DTensor) and p.placements[0].is_shard() for p in ref.parameters()]
+        assert teacher_sharded == [processes.strategy == "fsdp-teacher"] * 2, teacher_sharded  # mean and factor
     full = {k: t.detach().clone(memory_format=torch.contiguous_format) for k, t in processes.full(tensors).items()}
     return full, without_times(result.history)
 
@@ -119,7 +122,7 @@ def test_bad_strategies_stop_naming_the_key():
     assert check_strategy("fsdp", 2, 1) == "fsdp" and check_strategy("fsdp", 1, 2) == "fsdp"
     with pytest.raises(ValueError, match=r"--strategy fsdp needs --processes > 1 \(or --accumulation > 1"):
         check_strategy("fsdp", 1, 1)
-    with pytest.raises(ValueError, match=r"--strategy: unknown value 'zero3'; choose one of ddp, fsdp"):
+    with pytest.raises(ValueError, match=r"--strategy: unknown value 'zero3'; choose one of ddp, fsdp, fsdp-teacher$"):
         check_strategy("zero3", 2, 1)
 
 
@@ -177,6 +180,15 @@ def test_one_process_preempted_then_resumed_on_two_sharded(tmp_path, one_process
     assert_close_runs(one_process[False], script_results(tmp_path))
 
 
+@pytest.mark.integration
+def test_two_processes_with_the_teacher_sharded_equal_one(tmp_path, one_process):
+    """fsdp-teacher: the frozen reference (its mean and Cholesky factor) sharded over 2 processes as well, each
+    gathered for its x0 calls; the run equals one process on the whole batch."""
+    done = run_script(tmp_path, 2, "--strategy", "fsdp-teacher", timeout=240)  # a loaded machine: 120 s ran out
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert_close_runs(one_process[False], script_results(tmp_path))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("folder", type=Path)
@@ -184,8 +196,9 @@ def main():
     parser.add_argument("--lora-first", type=Path)
     parser.add_argument("--signal-rank", type=int, default=-1)
     parser.add_argument("--signal-step", type=int, default=-1)
+    parser.add_argument("--strategy", default="fsdp")
     args = parser.parse_args()
-    processes = start_processes("cpu", "fsdp")
+    processes = start_processes("cpu", args.strategy)
 
     def on_step(step, logs):
         if processes.rank == args.signal_rank and step == args.signal_step:

@@ -1,9 +1,10 @@
 """The processes of one training run: one per device when started by torchrun (through accelerate), else one.
 
-Two strategies share the processes out (docs/pipeline.md, "many GPUs"): `ddp`, accelerate's DistributedDataParallel
+The strategies share the processes out (docs/pipeline.md, "many GPUs"): `ddp`, accelerate's DistributedDataParallel
 (every process holds the whole model), and `fsdp`, FSDP2 `fully_shard` (each process holds 1/world of every trained
 network's parameters, gradients, optimiser states and EMA; a block's parameters are all-gathered for its forward and
-backward, its gradients reduce-scattered). A run's numbers do not depend on the strategy or on how many processes
+backward, its gradients reduce-scattered); `fsdp-teacher` is fsdp with the frozen teacher sharded too (else every
+process holds it whole). A run's numbers do not depend on the strategy or on how many processes
 share it: every process draws the whole global batch from the same seeded SlicedGenerator and keeps its own piece
 (didr/diffusion.py), gradients are averaged over processes and micro-batches, and every decision that ends or
 changes the run (a stop signal, a non-finite loss) is all-reduced so that all processes take it at the same step.
@@ -31,7 +32,7 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # a collective nobody answers fails 
 RENDEZVOUS_PORT = 29500
 SHUTDOWN_SECONDS = 3600  # torchrun's wait for its workers after a stop signal, before it kills them
 LOCKS_HELD = "DIDR_LOCKS_HELD"  # set for the processes a launching `didr` started: it holds the output's locks
-STRATEGIES = ("ddp", "fsdp")
+STRATEGIES = ("ddp", "fsdp", "fsdp-teacher")  # fsdp-teacher: fsdp, and the frozen teacher sharded too
 
 
 def launched_world_size() -> int:
@@ -66,21 +67,15 @@ class Processes:
         parameters at a time are gathered. Call it before making the module's optimiser."""
         if not self.sharded or self.world == 1:
             return module
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+        return _fully_shard(module, self.device, self.world)
 
-        mesh = init_device_mesh(self.device.type, (self.world,))
-        for param in module.parameters():  # FSDP2 shards contiguous tensors only; the values stay
-            if not param.is_contiguous():
-                param.data = param.data.contiguous()
-        blocks = [m for lst in module.modules() if isinstance(lst, nn.ModuleList) for m in lst]
-        for block in reversed(blocks):  # the innermost first: a block sharded inside another keeps its own group
-            if any(True for _ in block.parameters()):
-                fully_shard(block, mesh=mesh)
-        fully_shard(module, mesh=mesh)  # in place: the same object, its class FSDP<...>
-        if hasattr(module, "x0"):  # a denoiser is called through x0 (docs/algorithm.md §1): gather for it as well
-            register_fsdp_forward_method(module, "x0")
-        return module
+    def shard_teacher(self, teacher: nn.Module) -> nn.Module:
+        """The frozen `teacher`, sharded in place as `shard` does under fsdp-teacher with world > 1 (else as it is:
+        every process holds it whole). Call it after making the trainable copies that share its frozen weights
+        (LoRA): they keep those weights whole until `shard` shards them with their copy."""
+        if self.strategy != "fsdp-teacher" or self.world == 1:
+            return teacher
+        return _fully_shard(teacher, self.device, self.world)
 
     def wrap(self, module: nn.Module) -> nn.Module:
         """`module` for a backward pass whose gradients are averaged over the processes: DDP under ddp with
@@ -139,6 +134,25 @@ class Processes:
             self.accelerator.wait_for_everyone()
 
 
+def _fully_shard(module: nn.Module, device: torch.device, world: int) -> nn.Module:
+    """FSDP2 `fully_shard` of `module` in place over `world` processes: each block, innermost first, then the whole."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    mesh = init_device_mesh(device.type, (world,))
+    for param in module.parameters():  # FSDP2 shards contiguous tensors only; the values stay
+        if not param.is_contiguous():
+            param.data = param.data.contiguous()
+    blocks = [m for lst in module.modules() if isinstance(lst, nn.ModuleList) for m in lst]
+    for block in reversed(blocks):  # the innermost first: a block sharded inside another keeps its own group
+        if any(True for _ in block.parameters()):
+            fully_shard(block, mesh=mesh)
+    fully_shard(module, mesh=mesh)  # in place: the same object, its class FSDP<...>
+    if hasattr(module, "x0"):  # a denoiser is called through x0 (docs/algorithm.md §1): gather for it as well
+        register_fsdp_forward_method(module, "x0")
+    return module
+
+
 def start_processes(device: str = "auto", strategy: str = "ddp") -> Processes:
     """This process's Processes. Under torchrun (WORLD_SIZE > 1) the process group is joined through accelerate on
     gloo for the CPU ("cpu", or "auto" with no GPU) and nccl on this process's GPU; otherwise one process on `device`
@@ -183,36 +197,66 @@ def _known(strategy: str) -> None:
 
 def torchrun_command(argv: list[str], processes: int, env: Mapping[str, str] = os.environ) -> list[str]:
     """The command that runs `didr <argv>` as `processes` processes: torchrun --standalone on one node; in a SLURM
-    allocation of several nodes, srun starts one torchrun per node and they meet at the first node (c10d)."""
-    # On SIGTERM (a SLURM time limit signals every process of the step) torchrun passes it on to the workers and
-    # kills them SHUTDOWN_SECONDS later: long enough for any checkpoint (its default, 30 s, cuts an SDXL one short).
-    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--shutdown-timeout={SHUTDOWN_SECONDS}"]
+    allocation of several nodes (SLURM_JOB_NUM_NODES), srun starts one torchrun agent per node and they meet at the
+    allocation's first node (c10d rendezvous on MASTER_PORT, default RENDEZVOUS_PORT, named by SLURM_JOB_ID)."""
+    # On SIGTERM (a SLURM time limit signals every process of the step) or SIGUSR1 torchrun passes it on to the
+    # workers and kills them SHUTDOWN_SECONDS later: long enough for any checkpoint (its default, 30 s, cuts an SDXL
+    # one short). Unlisted, SIGUSR1 would kill torchrun itself (its default action) and orphan the workers.
+    torchrun = [
+        sys.executable, "-m", "torch.distributed.run", f"--shutdown-timeout={SHUTDOWN_SECONDS}",
+        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+    ]  # fmt: skip
     didr = ["-m", "didr.cli", *argv]
     nodes = int(env.get("SLURM_JOB_NUM_NODES", "1"))
     if nodes == 1:
         return [*torchrun, "--standalone", f"--nproc_per_node={processes}", *didr]
     if processes % nodes:
         raise ValueError(f"--processes {processes} does not split over the SLURM job's {nodes} nodes")
-    listed = subprocess.run(
-        ["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], capture_output=True, text=True, check=True
-    )
-    head = listed.stdout.split()[0]
+    head = _first_node(env)
+    port = env.get("MASTER_PORT", str(RENDEZVOUS_PORT))
     return [
         "srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1", *torchrun, f"--nnodes={nodes}",
-        f"--nproc_per_node={processes // nodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={head}:{RENDEZVOUS_PORT}",
+        f"--nproc_per_node={processes // nodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={head}:{port}",
         f"--rdzv_id={env.get('SLURM_JOB_ID', 'didr')}", *didr,
     ]  # fmt: skip
 
 
+def _first_node(env: Mapping[str, str]) -> str:
+    """The first host of SLURM_JOB_NODELIST (`scontrol show hostnames`, found on `env`'s PATH)."""
+    nodelist = env.get("SLURM_JOB_NODELIST", "")
+    try:
+        listed = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, env=dict(env), timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise ValueError(f"SLURM_JOB_NODELIST {nodelist!r}: scontrol show hostnames failed ({error})") from None
+    if listed.returncode != 0 or not listed.stdout.split():
+        raise ValueError(f"SLURM_JOB_NODELIST {nodelist!r}: scontrol show hostnames failed ({listed.stderr.strip()})")
+    return listed.stdout.split()[0]
+
+
 def run_processes(argv: list[str], processes: int) -> int:
-    """Run `didr <argv>` as `processes` processes and wait for them. SIGTERM, SIGUSR1 or SIGINT received meanwhile
-    is passed on to the training processes themselves (torchrun's children), which checkpoint at the same step and
-    stop; the exit code is then 75 (PREEMPTED_EXIT_CODE), else torchrun's."""
-    launcher = subprocess.Popen(torchrun_command(argv, processes), env=os.environ | {LOCKS_HELD: "1"})
+    """Run `didr <argv>` as `processes` processes (torchrun_command) and wait for them (supervise)."""
+    return supervise(torchrun_command(argv, processes))
+
+
+def supervise(command: list[str]) -> int:
+    """Run a launcher `command` (torchrun, or srun starting torchrun agents) and wait for it. SIGTERM, SIGUSR1 or
+    SIGINT received meanwhile reaches the training processes, which checkpoint at the same step and stop; the exit
+    code is then 75 (PREEMPTED_EXIT_CODE), else the launcher's. Under torchrun the signal goes to its children (the
+    training processes themselves). Under srun it goes to srun as SIGUSR1, which srun passes on to its tasks, the
+    torchrun agents, and they to their workers (the workers take SIGUSR1 as they take SIGTERM): srun answers SIGTERM
+    by killing its tasks at once ("forcing job termination", no checkpoint written) and one SIGINT by printing their
+    status."""
+    launcher = subprocess.Popen(command, env=os.environ | {LOCKS_HELD: "1"})
     received: list[int] = []
 
     def forward(signum: int, frame: object) -> None:
         received.append(signum)
+        if command[0] == "srun":
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(launcher.pid, signal.SIGUSR1)
+            return
         for pid in _children(launcher.pid) or [launcher.pid]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
