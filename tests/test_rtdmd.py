@@ -24,11 +24,12 @@ from didr.diffusion import FlowSchedule, UniformTime
 from didr.fewstep import FewStepGenerator
 from didr.methods import build_rtdmd_method, get_method, rtdmd_methods
 from didr.objectives.acdmd import ACDMD, renoise_coefficients
-from didr.objectives.grpo import GRPO
+from didr.objectives.grpo import GRPO, clipped_policy_loss
 from didr.objectives.rtdmd import RTDMD
 from didr.rewards.analytic import QuadraticReward
 from didr.training.checkpoint import Preempted
 from didr.training.loop import draw_batch
+from didr.training.rl import rollout
 from didr.training.rtdmd import acdmd_fake_loss, acdmd_generator_loss, rollout_state, stop_state, train_rtdmd
 
 FLOW = FlowSchedule()
@@ -148,6 +149,49 @@ def test_rtdmds_subgrpo_moves_the_expected_reward_up():
     result = train_rtdmd(gen, fk, rtdmd, PROMPTS, steps=40, batch_size=8, groups=8, lr=0.02, adam_betas=(0.9, 0.99))
     assert {row["stage"] for row in result.history} == {2.0}
     assert before < -0.6 and expected_reward(gen) > -0.2
+
+
+def test_inner_epochs_are_generator_steps_on_one_rollout_with_ratios_against_it():
+    """inner_epochs = 2 (§8.7): one rollout, then two generator steps on it, each followed by the EMA; the second
+    pass's PPO ratios are against the rollout's log-densities, so its clip acts. Replayed by hand (the rollout from
+    the loop's seed, the PPO sum at the trained transition, Adam twice): the weights and the EMA agree to 1e-12. The
+    first pass's surrogate is -mean A = 0 (group-standardised advantages) and moves every parameter by lr (Adam's
+    first step, lr sign g), as one pass does; the second pass's surrogate is below 0 and its clip acts on 26 of 32
+    rows, so the two passes land more than 0.01 from one pass in every coordinate."""
+    grpo = GRPO(group_size=8, clip_range=0.02, train_steps=1, step_range=2)
+    settings = dict(steps=1, batch_size=8, groups=4, lr=0.05, adam_betas=(0.9, 0.99), grad_clip=None, ema_decay=0.5)
+
+    def trained(inner_epochs):
+        gen, fk = generator(), fake()
+        rtdmd = method(fk, grpo=grpo, reward=REWARD, acdmd_weight=0.0)
+        result = train_rtdmd(gen, fk, rtdmd, PROMPTS, inner_epochs=inner_epochs, **settings)
+        return [p.detach().clone() for p in gen.parameters()], result
+
+    (after_one, _), (after_two, result) = trained(1), trained(2)
+    gen = generator()
+    start = [p.detach().clone() for p in gen.parameters()]
+    trajectory, cond, advantages, (k,), _ = rollout(gen, grpo, REWARD, PROMPTS, 4, torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(list(gen.parameters()), lr=0.05, betas=(0.9, 0.99), weight_decay=0.0)
+    ema, ratios, losses = [p.clone() for p in start], [], []
+    for _ in range(2):
+        log_prob = gen.log_prob(trajectory.states[:, k], trajectory.states[:, k + 1], k, cond)
+        ratios.append((log_prob - trajectory.log_probs[:, k]).exp().detach())
+        loss = clipped_policy_loss(log_prob, trajectory.log_probs[:, k], advantages[:, k], 0.02).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        ema = [e.lerp(p.detach(), 0.5) for e, p in zip(ema, gen.parameters(), strict=True)]
+    for got, expected in zip(after_two, gen.parameters(), strict=True):
+        torch.testing.assert_close(got, expected.detach(), rtol=0, atol=1e-12)
+    for got, expected in zip(result.ema.parameters(), ema, strict=True):
+        torch.testing.assert_close(got.detach(), expected, rtol=0, atol=1e-12)
+    assert result.history[0]["loss_policy"] == pytest.approx(sum(losses) / 2, rel=1e-12)
+    assert torch.equal(ratios[0], torch.ones(32, dtype=torch.float64)) and abs(losses[0]) < 1e-12  # on-policy
+    assert int(((ratios[1] - 1).abs() > 0.02).sum()) == 26 and losses[1] < -0.005  # off-policy: the clip acts
+    for one, two, begin in zip(after_one, after_two, start, strict=True):
+        torch.testing.assert_close((one - begin).abs(), torch.full_like(begin, 0.05), rtol=0, atol=1e-6)
+        assert bool(((two - one).abs() > 0.01).all())
 
 
 def test_the_last_step_hinge_is_weight_times_the_reward_gradient_below_the_margin():

@@ -22,7 +22,13 @@ def stage_counts(runs: int) -> dict[str, int]:
 
 
 @pytest.mark.parametrize(
-    ("preset", "expected"), [(None, 6), ("presets/embedded-sweep.yaml", 39), ("presets/embedded-flow.yaml", 13)]
+    ("preset", "expected"),
+    [
+        (None, 6),
+        ("presets/embedded-sweep.yaml", 39),
+        ("presets/embedded-flow.yaml", 13),
+        ("presets/embedded-fewstep.yaml", 5),
+    ],
 )
 def test_dry_run_plans_every_stage_of_the_grid(tmp_path, preset, expected):
     project = scratch_project(tmp_path / "p", params=ROOT / "params.yaml")

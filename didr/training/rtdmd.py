@@ -3,10 +3,13 @@
 Stage-1 step (AC-DMD, §8.2): `fake_updates` fake-score steps, then one generator step, each on a fresh batch
 stopped at a random step k (`stop_state`: x_s the state after transition k at s = t_{k+1}, or the image at s = 0
 when k = K - 1), then the EMA. Stage-2 step (RTDMD, §8.7): one SubGRPO rollout of `groups` prompts (§8.3, §8.5);
-`fake_updates` fake-score steps on the rollout's states at random stop steps; one generator step on the sum of the
-trained transitions' PPO losses and the last-step loss (AC-DMD plus the reward hinge) on the deterministic last
-prediction from the rollout's last state; the EMA. Checkpoints, the metric log, stop signals and resume are the align
-loop's (didr/training/checkpoint.py): a resumed run is bit-identical on the CPU. One process.
+`fake_updates` fake-score steps on the rollout's states at random stop steps; then `inner_epochs` passes over the
+rollout, each one generator step on the sum of the trained transitions' PPO losses (ratios against the rollout's
+log-densities, so from the second pass on the clip acts) and the last-step loss (AC-DMD plus the reward hinge) on the
+deterministic last prediction from the rollout's last state, each followed by the EMA. RTDMD's code accumulates a
+pass's steps into one optimiser step, so their order within a pass does not matter. Checkpoints, the metric log,
+stop signals and resume are the align loop's (didr/training/checkpoint.py): a resumed run is bit-identical on the CPU.
+One process.
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ def train_rtdmd(
     steps: int,
     batch_size: int,
     groups: int = 1,
+    inner_epochs: int = 1,
     fake_updates: int = 1,
     lr: float = 1e-4,
     stage_two_lr: float | None = None,
@@ -114,11 +118,13 @@ def train_rtdmd(
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> AlignmentResult:
     """Train `generator` and the fake score by `method` for `steps` steps: stage 1 on batches of `batch_size` at
-    `lr`, stage 2 on rollouts of `groups` prompts x group_size at `stage_two_lr` (default `lr`). Checkpoints, resume,
+    `lr`, stage 2 on rollouts of `groups` prompts x group_size at `stage_two_lr` (default `lr`), `inner_epochs`
+    generator steps per rollout (align.policy.inner_epochs, as the policy loop). Checkpoints, resume,
     signals and FloatingPointError as `didr.training.loop.align`. Returns the generator, its EMA and the logs."""
-    if steps < 1 or batch_size < 1 or groups < 1 or fake_updates < 1:
+    if min(steps, batch_size, groups, inner_epochs, fake_updates) < 1:
         raise ValueError(
-            f"steps, batch_size, groups, fake_updates must be >= 1, got {steps}, {batch_size}, {groups}, {fake_updates}"
+            "steps, batch_size, groups, inner_epochs, fake_updates must be >= 1, got "
+            f"{steps}, {batch_size}, {groups}, {inner_epochs}, {fake_updates}"
         )
     if not 0 <= ema_decay < 1:
         raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay}")
@@ -139,7 +145,7 @@ def train_rtdmd(
     ema = copy.deepcopy(generator, frozen).requires_grad_(False)
     ema_tensors = dict(ema.named_parameters())
     loop = dict(
-        steps=steps, batch_size=batch_size, groups=groups, fake_updates=fake_updates, lr=lr,
+        steps=steps, batch_size=batch_size, groups=groups, inner_epochs=inner_epochs, fake_updates=fake_updates, lr=lr,
         stage_two_lr=stage_two_lr, fake_lr=fake_lr,
         adam_betas=adam_betas, weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay, seed=seed,
     )  # fmt: skip
@@ -161,13 +167,31 @@ def train_rtdmd(
         fake_opt.step()
         return logs | {"grad_norm_fake": norm.item()}
 
-    def stage_one() -> tuple[Tensor, dict[str, float]]:
+    def generator_step(step: int, loss: Tensor) -> dict[str, float]:
+        """One optimiser step of the generator on `loss`, then the EMA; FloatingPointError if not finite."""
+        gen_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(list(trained.values()), max_norm)
+        gen_opt.step()
+        with torch.no_grad():
+            for name, p in trained.items():
+                ema_tensors[name].lerp_(p, 1 - ema_decay)
+        try:
+            check_finite(step, loss.item(), norm, watched, last)
+        except FloatingPointError:
+            log.flush()
+            raise
+        return {"loss": loss.item(), "grad_norm": norm.item()}
+
+    def stage_one(step: int) -> dict[str, float]:
         for _ in range(fake_updates):
             logs = fake_step(*acdmd_fake_loss(generator, method, prompts, batch_size, rng))
         loss, gen_logs = acdmd_generator_loss(generator, method, prompts, batch_size, rng)
-        return loss.mean(), logs | gen_logs
+        return logs | gen_logs | generator_step(step, loss.mean())
 
-    def stage_two() -> tuple[Tensor, dict[str, float]]:
+    def stage_two(step: int) -> dict[str, float]:
+        """The rollout, the fake updates, then `inner_epochs` generator steps on it; loss, loss_policy and grad_norm
+        are the passes' means, the other logs the last pass's."""
         assert method.grpo is not None and method.reward is not None  # stage 2 only exists with both
         trajectory, cond, advantages, trained_steps, logs = rollout(
             generator, method.grpo, method.reward, prompts, groups, rng
@@ -176,39 +200,27 @@ def train_rtdmd(
             stop = int(torch.randint(generator.steps, (1,), generator=rng, device=rng.device))
             x_s, s = rollout_state(trajectory, stop)
             logs |= fake_step(*method.acdmd.fake_loss(x_s, s, cond, rng))
-        policy = trajectory.image.new_zeros(())
-        for k in trained_steps:
-            log_prob = generator.log_prob(trajectory.states[:, k], trajectory.states[:, k + 1], k, cond)
-            policy = policy + method.grpo.loss(log_prob, trajectory.log_probs[:, k], advantages[:, k], k).mean()
-        last_step = generator.steps - 1
-        x0 = generator.predict(trajectory.states[:, last_step], last_step, cond)
-        last_loss, last_logs = method.last_step_loss(x0, cond, rng)
-        return policy + last_loss.mean(), logs | last_logs | {"loss_policy": policy.item()}
+        last_step, passes = generator.steps - 1, []
+        for _ in range(inner_epochs):
+            policy = trajectory.image.new_zeros(())
+            for k in trained_steps:
+                log_prob = generator.log_prob(trajectory.states[:, k], trajectory.states[:, k + 1], k, cond)
+                policy = policy + method.grpo.loss(log_prob, trajectory.log_probs[:, k], advantages[:, k], k).mean()
+            x0 = generator.predict(trajectory.states[:, last_step], last_step, cond)
+            last_loss, last_logs = method.last_step_loss(x0, cond, rng)
+            logs |= last_logs
+            passes.append({"loss_policy": policy.item()} | generator_step(step, policy + last_loss.mean()))
+        return logs | {key: sum(p[key] for p in passes) / len(passes) for key in passes[0]}
 
     bar = tqdm(total=steps, initial=start, desc="rtdmd", file=sys.stderr, disable=not progress)
     with stop_on_signals(enabled=checkpoint_dir is not None) as stop, bar:
         for step in range(start, steps):
             began = time.perf_counter()
             stage = method.stage(step)
-            loss, logs = stage_one() if stage == 1 else stage_two()
             for group in gen_opt.param_groups:
                 group["lr"] = lr if stage == 1 or stage_two_lr is None else stage_two_lr
-            gen_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(list(trained.values()), max_norm)
-            gen_opt.step()
-            with torch.no_grad():
-                for name, p in trained.items():
-                    ema_tensors[name].lerp_(p, 1 - ema_decay)
-            try:
-                check_finite(step, loss.item(), norm, watched, last)
-            except FloatingPointError:
-                log.flush()
-                raise
-            logs |= {
-                "step": float(step), "stage": float(stage), "loss": loss.item(), "grad_norm": norm.item(),
-                "step_seconds": time.perf_counter() - began,
-            }  # fmt: skip
+            logs = stage_one(step) if stage == 1 else stage_two(step)
+            logs |= {"step": float(step), "stage": float(stage), "step_seconds": time.perf_counter() - began}
             log.append(logs)
             bar.set_postfix(loss=f"{logs['loss']:.4g}", refresh=False)
             bar.update()
