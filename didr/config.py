@@ -145,6 +145,7 @@ class AlignParams:
     drs_steps: int = 1  # K of k-step / hybrid; the curvature proxy's GMRES iterations
     drs_t_max: float = 0.5
     checkpoint_every: int = 100
+    evaluate_at: list[int] = field(default_factory=list)  # steps whose EMA generator is sampled and scored too
     policy: PolicyParams = field(default_factory=PolicyParams)
     rtdmd: RTDMDParams = field(default_factory=RTDMDParams)
 
@@ -387,6 +388,27 @@ def _rtdmd_problem(method: str, data: dict[str, Any], g: dict[str, Any], policy:
     return None
 
 
+def _evaluate_at_problem(data: dict[str, Any]) -> str | None:
+    """align.evaluate_at: increasing steps below every run's align.steps (a grid's steps axis included), for methods
+    of the alignment loop only (the policy and RTDMD loops write no snapshots)."""
+    from didr.methods import METHODS
+
+    steps = data.get("align", {}).get("evaluate_at", [])
+    if not steps:
+        return None
+    if any(b <= a for a, b in itertools.pairwise(steps)):
+        return f"align.evaluate_at: must increase strictly, got {steps}"
+    methods = data.get("grid", {}).get("methods", {})
+    run_steps = [data.get("align", {}).get("steps", AlignParams.steps)]
+    run_steps += [value for axes in methods.values() for value in axes.get("steps", [])]
+    if steps[-1] >= min(run_steps):
+        return f"align.evaluate_at: {steps[-1]} is not below align.steps ({min(run_steps)}; the final set is that step)"
+    for method in methods:
+        if METHODS[method].loop != "align":
+            return f"align.evaluate_at: {method} trains in the {METHODS[method].loop} loop, which writes no snapshots"
+    return None
+
+
 def load_params(path: str | Path, overrides: Sequence[str] = ()) -> Params:
     """Read and check a params file (YAML) against workflow/schemas/params.schema.yaml, after `overrides`;
     ConfigError names the file and the offending key in one line."""
@@ -405,7 +427,7 @@ def load_params(path: str | Path, overrides: Sequence[str] = ()) -> Params:
         a = {**dataclasses.asdict(AlignParams()), **data.get("align", {})}
         if not a["t_min"] < a["t_max_sampling"]:
             problem = "align.t_min: must be below align.t_max_sampling"
-        problem = problem or _generator_problem(data)
+        problem = problem or _generator_problem(data) or _evaluate_at_problem(data)
         problem = problem or _unknown_reward(data.get("rewards", {})) or _world_mismatch(data)
     if problem is not None:
         raise ConfigError(f"{path}: {problem}")

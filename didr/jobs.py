@@ -16,7 +16,8 @@ Every command also gets --threads (the job's); warmup and align get --processes,
 job's `processes`, `accumulation` and `strategy` resources: how many processes share one run, micro-batches per
 process, and ddp or fsdp: whether each process holds the networks or a shard of them).
 
-A sample set is a reference (layout.REFERENCES: the teacher with N steps and CFG, the warm start) or a run of the grid.
+A sample set is a reference (layout.REFERENCES: the teacher with N steps and CFG, the warm start), a run of the grid,
+or a run's EMA generator at a step of align.evaluate_at (step=<N>/<run id>, sampled from the run's align output).
 """
 
 from __future__ import annotations
@@ -90,9 +91,13 @@ def _sample(p: Any, sample_set: str) -> dict:
         folder = layout.generator_dir(p.experiment, sample_set)
         return [] if folder is None else str(folder)
 
+    def made_by() -> Value:  # the stage output holding it: a snapshot's is its run's align output
+        snapshot = layout.parse_snapshot_set(sample_set)
+        return generator() if snapshot is None else str(layout.align_dir(p.experiment, snapshot[0]))
+
     return {
         "input.teacher": str(layout.teacher_dir(p.experiment)),
-        "input.generator": generator,
+        "input.generator": made_by,
         "params.generator": lambda: ["--generator", generator()] if generator() else [],
     }
 
@@ -268,8 +273,10 @@ def runs(p: Any) -> list[str]:
 
 
 def sample_sets(p: Any) -> list[str]:
-    """The sample sets: the references, then the runs of the grid."""
-    return [*layout.REFERENCES, *runs(p)]
+    """The sample sets: the references, the runs of the grid, then each run's snapshot at each step of
+    align.evaluate_at (step=<N>/<run id>)."""
+    snapshots = [layout.snapshot_set(run, step) for step in p.align.evaluate_at for run in runs(p)]
+    return [*layout.REFERENCES, *runs(p), *snapshots]
 
 
 def names(p: Any, stage: str) -> list[str]:

@@ -29,10 +29,33 @@ def checkpoints_dir(experiment: str, run_id: str) -> Path:
     return runs_dir(experiment) / "checkpoints" / run_id
 
 
+def snapshot_dir(experiment: str, run_id: str, step: int) -> Path:
+    """A run's EMA generator at `step` (align.evaluate_at), inside the run's align output."""
+    return align_dir(experiment, run_id) / "snapshots" / f"step={step}"
+
+
+def snapshot_set(run_id: str, step: int) -> str:
+    """The sample set of a run's generator at `step`: step=<N>/<run id>, so that its folders sit beside the run's
+    final set's (samples/<run id>), not inside them."""
+    return f"step={step}/{run_id}"
+
+
+def parse_snapshot_set(sample_set: str) -> tuple[str, int] | None:
+    """(run id, step) of a snapshot set; None for a reference or a run's final set."""
+    head, _, run_id = sample_set.partition("/")
+    if not (head.startswith("step=") and head[5:].isdigit() and run_id):
+        return None
+    return run_id, int(head[5:])
+
+
 def generator_dir(experiment: str, sample_set: str) -> Path | None:
-    """The one-step generator behind a sample set: none for the teacher, the warm start, or an align run."""
+    """The one-step generator behind a sample set: none for the teacher, the warm start, an align run, or a run's
+    snapshot."""
     if sample_set == "teacher":
         return None
+    snapshot = parse_snapshot_set(sample_set)
+    if snapshot is not None:
+        return snapshot_dir(experiment, *snapshot)
     return warmup_dir(experiment) if sample_set == "warm-start" else align_dir(experiment, sample_set)
 
 

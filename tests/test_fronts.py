@@ -96,11 +96,17 @@ def test_the_report_writes_the_matched_reward_table_figure_and_refusals(tmp_path
         for strength, (reward, cost) in enumerate(points):
             for seed in range(3):
                 sets.append({"method": method, "setting": f"x={strength}/seed={seed}", "toy_mean": reward + 0.01 * seed,
-                             "fid_real": cost})  # fmt: skip
-    sets.append({"method": "one-step (warm start)", "setting": "t_star=0.9", "toy_mean": 1.0, "fid_real": 120.0})
+                             "fid_real": cost, "fid_teacher": cost / 2})  # fmt: skip
+    sets.append({"method": "one-step (warm start)", "setting": "t_star=0.9", "toy_mean": 1.0, "fid_real": 120.0,
+                 "fid_teacher": 60.0})  # fmt: skip
     text = matched_reward(pd.DataFrame(sets), ["toy"], tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {"matched_toy.csv", "matched_toy.png"}
-    table = pd.read_csv(tmp_path / "matched_toy.csv")
+    both = pd.read_csv(tmp_path / "matched_toy.csv")
+    assert list(both["cost"].unique()) == ["fid_real", "fid_teacher"]  # FID to real renders and to the teacher
+    to_teacher = both[both["cost"] == "fid_teacher"].reset_index(drop=True)
+    assert to_teacher["difference"].iloc[2] == pytest.approx(6.25)  # half of fid_real's 12.5 below
+    assert "## toy: fid_teacher at matched reward" in text
+    table = both[both["cost"] == "fid_real"].reset_index(drop=True)
     assert set(zip(table["method_a"], table["method_b"], strict=True)) == {("a", "b")}
     assert table["band_low"].iloc[0] == pytest.approx(1.51) and table["band_high"].iloc[0] == pytest.approx(3.01)
     middle = table.iloc[2]  # reward 2.26: a at (2.26 - 2.01) x 20 + 20 = 25, b at (2.26 - 1.51) x 10 + 5 = 12.5

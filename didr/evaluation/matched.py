@@ -25,27 +25,33 @@ def run_points(sets: pd.DataFrame, reward: str, cost: str) -> pd.DataFrame:
 
 
 def plot_pairs(
-    pairs: pd.DataFrame, points: pd.DataFrame, refused: list[str], reward: str, cost: str, path: Path
+    compared: list[tuple[str, pd.DataFrame, pd.DataFrame]], refused: list[str], reward: str, path: Path
 ) -> None:
-    """A panel per compared pair: each method's cost at matched reward with its interval band, over the pair's
-    common range, and every run as a faint point; refused pairs are named above the panels."""
-    names = list(dict.fromkeys(zip(pairs.get("method_a", []), pairs.get("method_b", []), strict=True)))
-    colours = {m: f"C{i}" for i, m in enumerate(sorted(points["method"].unique()))}  # one colour per method
-    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(5 * max(1, len(names)), 4), squeeze=False)
-    for ax, (a, b) in zip(axes[0], names, strict=False):
-        rows = pairs[(pairs["method_a"] == a) & (pairs["method_b"] == b)]
-        for key, method in (("a", a), ("b", b)):
-            seeds = int(rows[f"seeds_{key}"].iloc[0])
-            colour = colours[method]
-            ax.plot(rows["reward"], rows[f"cost_{key}"], "-", color=colour, label=f"{method} ({seeds} seeds)")
-            ax.fill_between(rows["reward"], rows[f"cost_{key}_low"], rows[f"cost_{key}_high"], alpha=0.25, color=colour)
-            runs = points[points["method"] == method]
-            ax.plot(runs["reward"], runs["cost"], ".", alpha=0.4, color=colour)
-        ax.set_title(f"{a} vs {b}", fontsize=9)
-        ax.set_xlabel(f"{reward} (matched)")
-        ax.set_ylabel(f"{cost} (lower is better)")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
+    """A row of panels per cost (its name, pairs and run points), a panel per compared pair: each method's cost at
+    matched reward with its interval band over the pair's common range, and every run as a faint point; refused
+    pairs are named above the panels."""
+    first = compared[0][1]
+    names = list(dict.fromkeys(zip(first.get("method_a", []), first.get("method_b", []), strict=True)))
+    colours = {m: f"C{i}" for i, m in enumerate(sorted(compared[0][2]["method"].unique()))}  # one colour per method
+    columns = max(1, len(names))
+    fig, axes = plt.subplots(len(compared), columns, figsize=(5 * columns, 4 * len(compared)), squeeze=False)
+    for row, (cost, pairs, points) in zip(axes, compared, strict=True):
+        for ax, (a, b) in zip(row, names, strict=False):
+            rows = pairs[(pairs["method_a"] == a) & (pairs["method_b"] == b)]
+            for key, method in (("a", a), ("b", b)):
+                seeds = int(rows[f"seeds_{key}"].iloc[0])
+                colour = colours[method]
+                ax.plot(rows["reward"], rows[f"cost_{key}"], "-", color=colour, label=f"{method} ({seeds} seeds)")
+                ax.fill_between(
+                    rows["reward"], rows[f"cost_{key}_low"], rows[f"cost_{key}_high"], alpha=0.25, color=colour
+                )
+                runs = points[points["method"] == method]
+                ax.plot(runs["reward"], runs["cost"], ".", alpha=0.4, color=colour)
+            ax.set_title(f"{a} vs {b}", fontsize=9)
+            ax.set_xlabel(f"{reward} (matched)")
+            ax.set_ylabel(f"{cost} (lower is better)")
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
     if refused:
         fig.suptitle("no common reward range: " + ", ".join(line.split(":")[0] for line in refused), fontsize=8)
     fig.tight_layout()
@@ -77,11 +83,17 @@ def markdown(pairs: pd.DataFrame, refused: list[str], reward: str, cost: str, ba
 
 
 def write_matched(
-    sets: pd.DataFrame, reward: str, folder: Path, cost: str, cost_ref: float, baseline: float | None
+    sets: pd.DataFrame, reward: str, folder: Path, costs: dict[str, float], baseline: float | None
 ) -> str:
-    """folder/matched_<reward>.csv and .png for the aligned `sets`; returns the markdown section."""
-    points = run_points(sets, reward, cost)
-    pairs, refused = compare_pairs(points, levels=LEVELS, resamples=RESAMPLES, cost_ref=cost_ref)
-    pairs.to_csv(folder / f"matched_{reward}.csv", index=False)
-    plot_pairs(pairs, points, refused, reward, cost, folder / f"matched_{reward}.png")
-    return markdown(pairs, refused, reward, cost, baseline)
+    """folder/matched_<reward>.csv (a `cost` column: each fidelity column compared) and .png (a row per cost) for
+    the aligned `sets`, each cost with its hypervolume reference point (`costs`); returns the markdown sections."""
+    compared, tables, sections, refused = [], [], [], []
+    for cost, cost_ref in costs.items():
+        points = run_points(sets, reward, cost)
+        pairs, refused = compare_pairs(points, levels=LEVELS, resamples=RESAMPLES, cost_ref=cost_ref)
+        compared.append((cost, pairs, points))
+        tables.append(pairs.assign(cost=cost)[["cost", *pairs.columns]])
+        sections.append(markdown(pairs, refused, reward, cost, baseline))
+    pd.concat(tables, ignore_index=True).to_csv(folder / f"matched_{reward}.csv", index=False)
+    plot_pairs(compared, refused, reward, folder / f"matched_{reward}.png")
+    return "\n".join(sections)

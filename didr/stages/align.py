@@ -28,10 +28,12 @@ from didr.stages.common import (
 )
 from didr.stages.io import trained_state, write_text_atomic
 from didr.training.atomic import atomic_dir, save_tensors
-from didr.training.distributed import start_processes
+from didr.training.distributed import Processes, start_processes
 from didr.training.loop import align
 from didr.training.rl import train_policy
 from didr.training.rtdmd import train_rtdmd
+
+SNAPSHOTS = "snapshots"  # the EMA generators at align.evaluate_at, in the checkpoint folder and in the output
 
 
 def run_align(
@@ -54,7 +56,9 @@ def run_align(
     the params file, such as another run added to the grid, does not stop a retried run from resuming). `run` names
     the method, its strength and the seed; `params.align` already carries the run's overrides. Under torchrun each
     process computes its share of the batch in `accumulation` micro-batches (`strategy`: ddp, or fsdp sharding the
-    generator and the fake score over the processes), and the main process writes."""
+    generator and the fake score over the processes), and the main process writes. For each step N of
+    align.evaluate_at, out/snapshots/step=N/ holds the EMA after step N (generator.safetensors, params.json with
+    `step`), kept in the checkpoint folder from step N on, so a resumed run writes the same files."""
     processes = start_processes(device, strategy)
     dev = processes.device
     teacher = load_teacher(teacher_dir, dev)
@@ -62,19 +66,23 @@ def run_align(
         checkpoint_frozen_parts(teacher)
     reward = load_reward(params.rewards.train, teacher_dir, dev, params.rewards.models.get(params.rewards.train))
     generator, fake = load_generator(teacher, warmup_dir).train(), load_fake(teacher, warmup_dir)
+    processes.shard_teacher(teacher)  # fsdp-teacher: its network sharded too, after the copies that share it (LoRA)
     a = params.align
     method, strength, seed = run.method, run.strength, run.seed
     loop = get_method(method).loop
     policy = loop != "align"
     if policy and processes.world > 1:
         raise ValueError(f"{method}: runs on one process only (--processes 1)")
+    if policy and a.evaluate_at:
+        raise ValueError(f"align.evaluate_at: {method} trains in the {loop} loop, which writes no snapshots")
     record = {
         "stage": "align", "method": method, "strength": strength, "seed": seed, "run": run.id,
         "setting": run.setting, "params": asdict(params), "generator": generator_record(generator),
         "processes": processes.world, "accumulation": accumulation, "strategy": strategy,
     }  # fmt: skip
+    kept = {k: v for k, v in asdict(a).items() if k != "evaluate_at" or v}  # runs without it resume as before
     identity = {
-        "align": asdict(a), "finetune": asdict(params.finetune), "reward": params.rewards.train,
+        "align": kept, "finetune": asdict(params.finetune), "reward": params.rewards.train,
         "reward_options": params.rewards.models.get(params.rewards.train), "run": run.id,
         "teacher": read_run_params(teacher_dir)["params"]["teacher"],
         "warm_start": {name: _file_digest(warmup_dir / name) for name in ("generator.safetensors", "fake.safetensors")},
@@ -90,7 +98,8 @@ def run_align(
             fake_updates=a.fake_updates, lr=a.lr, fake_lr=a.fake_lr, grad_clip=a.grad_clip, ema_decay=a.ema_decay,
             seed=seed, checkpoint_dir=checkpoint_dir, checkpoint_every=a.checkpoint_every,
             metrics_path=checkpoint_dir / "metrics.parquet", params=identity, resume=True, progress=progress,
-            processes=processes, accumulation=accumulation,
+            processes=processes, accumulation=accumulation, snapshot_at=a.evaluate_at,
+            on_snapshot=lambda step, ema: _save_snapshot(ema, processes, checkpoint_dir / SNAPSHOTS, step),
         ).ema  # fmt: skip
     elif not isinstance(generator, FewStepGenerator):  # the policy and rtdmd loops train K-step samplers
         raise ValueError(f"warmup.generator.steps: {method} needs a few-step generator (steps >= 2), got 1")
@@ -98,7 +107,8 @@ def run_align(
         rtdmd = build_rtdmd_method(method, strength, teacher, fake, reward, a, generator.eta)
         trained = train_rtdmd(
             generator, fake, rtdmd, prompts, steps=a.steps, batch_size=a.batch_size, groups=a.policy.groups,
-            fake_updates=a.fake_updates, lr=a.lr, stage_two_lr=a.rtdmd.stage_two_lr, fake_lr=a.fake_lr,
+            inner_epochs=a.policy.inner_epochs, fake_updates=a.fake_updates, lr=a.lr,
+            stage_two_lr=a.rtdmd.stage_two_lr, fake_lr=a.fake_lr,
             grad_clip=a.grad_clip, ema_decay=a.ema_decay, seed=seed, checkpoint_dir=checkpoint_dir,
             checkpoint_every=a.checkpoint_every, metrics_path=checkpoint_dir / "metrics.parquet", params=identity,
             resume=True, progress=progress,
@@ -121,6 +131,20 @@ def run_align(
             save_tensors({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / f"{name}.safetensors")
         shutil.copy2(checkpoint_dir / "metrics.parquet", tmp / "metrics.parquet")
         write_text_atomic(tmp / "params.json", json.dumps(record, indent=1))
+        for step in a.evaluate_at:  # each written at its step, before any later checkpoint a resumed run started from
+            snapshot = tmp / SNAPSHOTS / f"step={step}"
+            snapshot.mkdir(parents=True)
+            shutil.copy2(checkpoint_dir / SNAPSHOTS / f"step={step}" / "generator.safetensors", snapshot)
+            write_text_atomic(snapshot / "params.json", json.dumps(record | {"step": step}, indent=1))
+
+
+def _save_snapshot(ema: nn.Module, processes: Processes, folder: Path, step: int) -> None:
+    """The EMA generator after `step` as folder/step=<step>/generator.safetensors, the final generator's format
+    (called on every process: fsdp gathers the shards; the main process writes)."""
+    state = processes.full(trained_state(ema))
+    if processes.main:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        save_tensors(tensors, folder / f"step={step}" / "generator.safetensors")
 
 
 def _file_digest(path: Path) -> str:

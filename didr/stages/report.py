@@ -15,6 +15,7 @@ from torch import Tensor
 
 from didr.evaluation.curves import write_curves
 from didr.evaluation.matched import write_matched
+from didr.evaluation.over_training import write_over_training
 from didr.evaluation.pareto import hypervolume, pareto_front
 from didr.evaluation.sampling import image_grid
 from didr.stages.common import read_run_params
@@ -50,6 +51,14 @@ def with_nfe(table: pd.DataFrame, sample_dirs: list[Path]) -> pd.DataFrame:
     matched by the folder its score names; empty for a set sampled before nfe was recorded)."""
     nfe = {str(folder): read_run_params(folder).get("nfe") for folder in sample_dirs}
     return table.assign(nfe=table["sample_dir"].map(nfe))
+
+
+def with_snapshot_steps(table: pd.DataFrame, sample_dirs: list[Path]) -> pd.DataFrame:
+    """The table with each snapshot set's `step` and its run's `final_step` (from its sample folder's params.json,
+    matched as in with_nfe; empty for the other sets)."""
+    records = {str(folder): read_run_params(folder) for folder in sample_dirs}
+    return table.assign(**{key: table["sample_dir"].map({d: r.get(key) for d, r in records.items()})
+                           for key in ("step", "final_step")})  # fmt: skip
 
 
 def front_table(table: pd.DataFrame, reward: str, cost: str = "fid_real") -> pd.DataFrame:
@@ -133,15 +142,18 @@ def grid_figure(sample_dirs: list[Path], path: Path, columns: int = 12) -> None:
     plt.close(fig)
 
 
-def matched_reward(table: pd.DataFrame, rewards: list[str], folder: Path, cost: str = "fid_real") -> str:
-    """Per reward, folder/matched_<reward>.{csv,png}: the aligned methods' fidelity at matched reward over seeds
-    (didr/evaluation/matched.py); returns matched.md, whose gains are over the one-step warm start when it is scored."""
-    cost_ref = float(table[cost].max()) * 1.05  # front_table's reference cost
+def matched_reward(
+    table: pd.DataFrame, rewards: list[str], folder: Path, costs: tuple[str, ...] = ("fid_real", "fid_teacher")
+) -> str:
+    """Per reward, folder/matched_<reward>.{csv,png}: the aligned methods' fidelity (each of `costs` the table has:
+    FID to real renders, FID to the teacher's samples) at matched reward over seeds (didr/evaluation/matched.py);
+    returns matched.md, whose gains are over the one-step warm start when it is scored."""
+    references = {cost: float(table[cost].max()) * 1.05 for cost in costs if cost in table}  # front_table's point
     warm = table[table["method"] == "one-step (warm start)"]
     sections = []
     for reward in rewards:
         baseline = float(warm[f"{reward}_mean"].iloc[0]) if len(warm) else None
-        sections.append(write_matched(table[~is_reference(table["method"])], reward, folder, cost, cost_ref, baseline))
+        sections.append(write_matched(table[~is_reference(table["method"])], reward, folder, references, baseline))
     return "# Fronts at matched reward\n\n" + "\n".join(sections)
 
 
@@ -150,8 +162,13 @@ def run_report(
 ) -> None:
     """out/metrics.{parquet,csv,json}, out/fronts.csv, out/pareto_<reward>.png, out/matched_<reward>.{csv,png} and
     out/matched.md (fronts at matched reward), out/grid.png; with the align runs'
-    folders, their training curves: out/curves_<method>.png, out/curves/<metric>.csv and out/curves.md (captions)."""
-    table = with_nfe(collect(score_dirs), sample_dirs)
+    folders, their training curves: out/curves_<method>.png, out/curves/<metric>.csv and out/curves.md (captions).
+    Snapshot sets (align.evaluate_at) are left out of all these and make out/over_training_<reward>.{csv,png} and
+    out/over_training.md: reward and fidelity against step (didr/evaluation/over_training.py)."""
+    scored = with_snapshot_steps(with_nfe(collect(score_dirs), sample_dirs), sample_dirs)
+    final = scored["step"].isna()
+    table = scored[final].drop(columns=["step", "final_step"]).reset_index(drop=True)
+    final_dirs = [folder for folder in sample_dirs if "step" not in read_run_params(folder)]
     for folder in run_dirs:
         if not (folder / "metrics.parquet").is_file():
             raise StageInputError(f"--runs {folder}: no metrics.parquet (run `didr align` first)")
@@ -165,9 +182,13 @@ def run_report(
         fronts.assign(front=fronts["front"].astype(str)).to_csv(tmp / "fronts.csv", index=False)
         for reward in rewards:
             plot_front(table, fronts[fronts["reward"] == reward], reward, tmp / f"pareto_{reward}.png")
-        grid_figure(sample_dirs, tmp / "grid.png")
+        grid_figure(final_dirs, tmp / "grid.png")
         write_text_atomic(tmp / "matched.md", matched_reward(table, rewards, tmp))
         figures = write_curves(list(run_dirs), tmp)
         if figures:
             captions = "".join(f"![{name}]({name})\n\n{text}\n\n" for name, text in figures)
             write_text_atomic(tmp / "curves.md", f"# Training curves\n\n{captions}")
+        over_training = write_over_training(scored, rewards, tmp)
+        if over_training:
+            captions = "".join(f"![{name}]({name})\n\n{text}\n\n" for name, text in over_training)
+            write_text_atomic(tmp / "over_training.md", f"# Reward and fidelity over training\n\n{captions}")

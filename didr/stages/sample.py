@@ -31,7 +31,7 @@ def run_sample(
     and CFG `sample.teacher_guidance` (the reference). A K-step generator (warmup.generator.steps K > 1) samples
     with its deterministic K-step forward (§8.1) and its method reads "<method> (K-step)" ("K-step (warm start)"),
     so the report's tables and Pareto plots show its step count; params.json records the network evaluations per
-    image (`nfe`).
+    image (`nfe`) and, for a run's snapshot (align.evaluate_at), the run id, the step and the run's final step.
     """
     dev = pick_device(device)
     teacher = load_teacher(teacher_dir, dev)
@@ -80,4 +80,6 @@ def run_sample(
             "nfe": nfe,
             "params": asdict(params),
         }
+        if generator_dir is not None and "step" in run:  # a snapshot: the report's reward and fidelity over training
+            record |= {"run": run["run"], "step": run["step"], "final_step": run["params"]["align"]["steps"]}
         write_text_atomic(tmp / "params.json", json.dumps(record, indent=1))

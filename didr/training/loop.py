@@ -133,6 +133,8 @@ def align(
     accumulation: int = 1,
     processes: Processes | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    snapshot_at: Sequence[int] = (),
+    on_snapshot: Callable[[int, nn.Module], None] | None = None,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 1000,
     keep_checkpoints: int = 2,
@@ -157,7 +159,9 @@ def align(
     JSON-able description of the run) and this loop's hyper-parameters, else CheckpointError. `metrics_path`: a
     parquet file of every step's scalars, flushed at each checkpoint; a resumed run reloads its rows into `history`
     (without it, history starts at the resumed step). Only the main process writes files. `progress` shows a tqdm
-    bar on stderr. Raises FloatingPointError naming the step and the last verified checkpoint if the loss, the gradient
+    bar on stderr. `on_snapshot(step, ema)` is called on every process after each step in `snapshot_at` (counted
+    from 1), before that step's checkpoint, so a run resumed from any later checkpoint has had every earlier call.
+    Raises FloatingPointError naming the step and the last verified checkpoint if the loss, the gradient
     norm or a trained parameter is not finite; a damaged newest checkpoint is skipped for the newest intact one.
     """
     if steps < 1 or batch_size < 1 or fake_updates < 0:
@@ -169,6 +173,8 @@ def align(
     if not 0 <= ema_decay < 1:
         raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay}")
     check_checkpointing(checkpoint_dir, checkpoint_every, keep_checkpoints, resume, params)
+    if snapshot_at and (on_snapshot is None or not all(1 <= k <= steps for k in snapshot_at)):
+        raise ValueError(f"snapshot_at: needs on_snapshot and steps in [1, {steps}], got {list(snapshot_at)}")
     device = next(generator.parameters()).device
     processes = processes or Processes(device)
     micro = check_batch(batch_size, processes.world, accumulation)
@@ -288,6 +294,9 @@ def align(
             if on_step is not None:
                 on_step(step, logs)
             done = step + 1
+            if done in snapshot_at:
+                assert on_snapshot is not None  # checked with snapshot_at
+                on_snapshot(done, ema)
             signal_name = stop.signal_name  # read once: a signal arriving after this is handled after the next step
             stopping = processes.any(signal_name is not None)  # a signal to any process stops them all at this step
             if done % checkpoint_every == 0 or done == steps or stopping:

@@ -43,7 +43,7 @@ REPORT_FILES = [f"{REPORTS}/{name}" for name in jobs.REPORT_TABLES] + [
 
 wildcard_constraints:
     run=r"method=[^/]+(/[^/=]+=[^/]+)*/seed=\d+",
-    set=r"teacher|warm-start|method=[^/]+(/[^/=]+=[^/]+)*/seed=\d+",
+    set=r"teacher|warm-start|(step=\d+/)?method=[^/]+(/[^/=]+=[^/]+)*/seed=\d+",  # step=N/<run id>: a snapshot
 
 
 def job(stage, wildcards):

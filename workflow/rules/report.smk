@@ -1,8 +1,15 @@
-from didr.evaluation import curves
+from didr.evaluation import curves, over_training
 from didr.grid import parse_run_id
 
 # the methods of the grid's runs: one figure of training curves each (the grid has at least one run)
 CURVE_METHODS = list(dict.fromkeys(parse_run_id(run).method for run in jobs.runs(P)))
+# reward and fidelity against step, per held-out reward, when the runs write snapshots (align.evaluate_at)
+OVER_TRAINING = (
+    [f"{REPORTS}/{name(r)}" for r in P.rewards.eval for name in (over_training.table_name, over_training.figure_name)]
+    + [f"{REPORTS}/over_training.md"]
+    if P.align.evaluate_at
+    else []
+)
 
 
 rule report:
@@ -28,6 +35,7 @@ rule report:
         ),
         curve_tables=[f"{REPORTS}/{curves.table_name(metric)}" for metric in curves.TABLES],
         curve_captions=f"{REPORTS}/curves.md",
+        over_training=OVER_TRAINING,
     params:
         file=PARAMS_FILE,
         out=job_param("report", "out"),
