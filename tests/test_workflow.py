@@ -27,7 +27,7 @@ def stage_counts(runs: int) -> dict[str, int]:
         (None, 6),
         ("presets/embedded-sweep.yaml", 39),
         ("presets/embedded-flow.yaml", 13),
-        ("presets/embedded-fewstep.yaml", 5),
+        ("presets/embedded-fewstep.yaml", 6),
     ],
 )
 def test_dry_run_plans_every_stage_of_the_grid(tmp_path, preset, expected):
