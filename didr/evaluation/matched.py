@@ -87,7 +87,10 @@ def write_matched(
 ) -> str:
     """folder/matched_<reward>.csv (a `cost` column: each fidelity column compared) and .png (a row per cost) for
     the aligned `sets`, each cost with its hypervolume reference point (`costs`); returns the markdown sections."""
-    compared, tables, sections, refused = [], [], [], []
+    compared: list[tuple[str, pd.DataFrame, pd.DataFrame]] = []
+    tables: list[pd.DataFrame] = []
+    sections: list[str] = []
+    refused: list[str] = []  # the pairs refused for want of a common range: the same for every cost
     for cost, cost_ref in costs.items():
         points = run_points(sets, reward, cost)
         pairs, refused = compare_pairs(points, levels=LEVELS, resamples=RESAMPLES, cost_ref=cost_ref)
