@@ -73,8 +73,6 @@ def run_align(
     policy = loop != "align"
     if policy and processes.world > 1:
         raise ValueError(f"{method}: runs on one process only (--processes 1)")
-    if policy and a.evaluate_at:
-        raise ValueError(f"align.evaluate_at: {method} trains in the {loop} loop, which writes no snapshots")
     record = {
         "stage": "align", "method": method, "strength": strength, "seed": seed, "run": run.id,
         "setting": run.setting, "params": asdict(params), "generator": generator_record(generator),

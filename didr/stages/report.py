@@ -46,19 +46,13 @@ def is_reference(methods: pd.Series) -> pd.Series:
     return methods.isin(REFERENCES) | methods.str.endswith("(warm start)")
 
 
-def with_nfe(table: pd.DataFrame, sample_dirs: list[Path]) -> pd.DataFrame:
-    """The table with each sample set's network evaluations per image (`nfe` of its sample folder's params.json,
-    matched by the folder its score names; empty for a set sampled before nfe was recorded)."""
-    nfe = {str(folder): read_run_params(folder).get("nfe") for folder in sample_dirs}
-    return table.assign(nfe=table["sample_dir"].map(nfe))
-
-
-def with_snapshot_steps(table: pd.DataFrame, sample_dirs: list[Path]) -> pd.DataFrame:
-    """The table with each snapshot set's `step` and its run's `final_step` (from its sample folder's params.json,
-    matched as in with_nfe; empty for the other sets)."""
+def with_sample_records(table: pd.DataFrame, sample_dirs: list[Path]) -> pd.DataFrame:
+    """The table with, from each set's sample folder's params.json (matched by the folder its score names), its
+    network evaluations per image (`nfe`; empty for a set sampled before nfe was recorded) and, for a snapshot set
+    (align.evaluate_at), its `step` and its run's `final_step` (empty for the other sets)."""
     records = {str(folder): read_run_params(folder) for folder in sample_dirs}
     return table.assign(**{key: table["sample_dir"].map({d: r.get(key) for d, r in records.items()})
-                           for key in ("step", "final_step")})  # fmt: skip
+                           for key in ("nfe", "step", "final_step")})  # fmt: skip
 
 
 def front_table(table: pd.DataFrame, reward: str, cost: str = "fid_real") -> pd.DataFrame:
@@ -165,10 +159,11 @@ def run_report(
     folders, their training curves: out/curves_<method>.png, out/curves/<metric>.csv and out/curves.md (captions).
     Snapshot sets (align.evaluate_at) are left out of all these and make out/over_training_<reward>.{csv,png} and
     out/over_training.md: reward and fidelity against step (didr/evaluation/over_training.py)."""
-    scored = with_snapshot_steps(with_nfe(collect(score_dirs), sample_dirs), sample_dirs)
+    scored = with_sample_records(collect(score_dirs), sample_dirs)
     final = scored["step"].isna()
     table = scored[final].drop(columns=["step", "final_step"]).reset_index(drop=True)
-    final_dirs = [folder for folder in sample_dirs if "step" not in read_run_params(folder)]
+    snapshots = set(scored.loc[~final, "sample_dir"])
+    final_dirs = [folder for folder in sample_dirs if str(folder) not in snapshots]
     for folder in run_dirs:
         if not (folder / "metrics.parquet").is_file():
             raise StageInputError(f"--runs {folder}: no metrics.parquet (run `didr align` first)")
