@@ -144,6 +144,8 @@ class AlignParams:
     drs: str = "tweedie"  # the DRS proxy: tweedie, k-step, hybrid or curvature (docs/algorithm.md §5.4, §5.5)
     drs_steps: int = 1  # K of k-step / hybrid; the curvature proxy's GMRES iterations
     drs_t_max: float = 0.5
+    drs_gamma: float = 0.0  # gamma(t) = (a^2 / (a^2 + s^2))^drs_gamma damps the DRS (docs/algorithm.md §5.5); 0: none
+    time_sampling: str = "uniform"  # the integral KL's noise times on [t_min, t_max_sampling]: uniform or logit_normal
     checkpoint_every: int = 100
     evaluate_at: list[int] = field(default_factory=list)  # steps whose EMA generator is sampled and scored too
     policy: PolicyParams = field(default_factory=PolicyParams)
@@ -226,6 +228,8 @@ def schema_error(data: dict[str, Any]) -> str | None:
     error = jsonschema.exceptions.best_match(_validator().iter_errors(data))
     if error is None:
         return None
+    while error.validator == "oneOf" and error.context:  # a grid entry or a list of them: the branch of its type
+        error = jsonschema.exceptions.best_match([e for e in error.context if e.validator != "type"] or error.context)
     key = _key(error.absolute_path)
     if error.validator in ("additionalProperties", "unevaluatedProperties"):
         unexpected = re.findall(r"'([^']+)'", error.message.split("(")[-1])
@@ -391,6 +395,7 @@ def _rtdmd_problem(method: str, data: dict[str, Any], g: dict[str, Any], policy:
 def _evaluate_at_problem(data: dict[str, Any]) -> str | None:
     """align.evaluate_at: increasing steps below every run's align.steps (a grid's steps axis included), for methods
     of the alignment loop only (the policy and RTDMD loops write no snapshots)."""
+    from didr.grid import method_entries
     from didr.methods import METHODS
 
     steps = data.get("align", {}).get("evaluate_at", [])
@@ -400,12 +405,23 @@ def _evaluate_at_problem(data: dict[str, Any]) -> str | None:
         return f"align.evaluate_at: must increase strictly, got {steps}"
     methods = data.get("grid", {}).get("methods", {})
     run_steps = [data.get("align", {}).get("steps", AlignParams.steps)]
-    run_steps += [value for axes in methods.values() for value in axes.get("steps", [])]
+    run_steps += [value for _, _, axes in method_entries(methods) for value in axes.get("steps", [])]
     if steps[-1] >= min(run_steps):
         return f"align.evaluate_at: {steps[-1]} is not below align.steps ({min(run_steps)}; the final set is that step)"
     for method in methods:
         if METHODS[method].loop != "align":
             return f"align.evaluate_at: {method} trains in the {METHODS[method].loop} loop, which writes no snapshots"
+    return None
+
+
+def _grid_problem(data: dict[str, Any]) -> str | None:
+    """Two entries of a method's list naming the same run."""
+    from didr.grid import expand_grid
+
+    try:
+        expand_grid(data["grid"]) if "grid" in data else None
+    except ValueError as error:
+        return str(error)
     return None
 
 
@@ -427,7 +443,7 @@ def load_params(path: str | Path, overrides: Sequence[str] = ()) -> Params:
         a = {**dataclasses.asdict(AlignParams()), **data.get("align", {})}
         if not a["t_min"] < a["t_max_sampling"]:
             problem = "align.t_min: must be below align.t_max_sampling"
-        problem = problem or _generator_problem(data) or _evaluate_at_problem(data)
+        problem = problem or _generator_problem(data) or _evaluate_at_problem(data) or _grid_problem(data)
         problem = problem or _unknown_reward(data.get("rewards", {})) or _world_mismatch(data)
     if problem is not None:
         raise ConfigError(f"{path}: {problem}")

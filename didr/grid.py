@@ -51,10 +51,22 @@ class Run:
         return ["--method", self.method, "--strength", format_value(self.strength), "--seed", str(self.seed), *sets]
 
 
+def method_entries(methods: dict) -> list[tuple[str, str, dict]]:
+    """(method, its params key, axes) for every entry of `grid.methods`: one per method, or one per item of a list."""
+    entries = []
+    for method, axes in methods.items():
+        if isinstance(axes, list):
+            entries += [(method, f"grid.methods.{method}[{i}]", item) for i, item in enumerate(axes)]
+        else:
+            entries.append((method, f"grid.methods.{method}", axes))
+    return entries
+
+
 def expand_grid(grid: dict) -> list[Run]:
-    """Every run of a validated `grid` section: per method, the product of its axes, times every seed."""
-    runs = []
-    for method, axes in grid["methods"].items():
+    """Every run of a validated `grid` section: per method entry, the product of its axes, times every seed;
+    ValueError names an entry that repeats a run of an earlier one."""
+    runs: dict[str, Run] = {}
+    for method, key, axes in method_entries(grid["methods"]):
         strength_axis = METHODS[method].axis
         names = [strength_axis] if strength_axis else []
         names += [name for name in axes if name != strength_axis]
@@ -62,8 +74,11 @@ def expand_grid(grid: dict) -> list[Run]:
             chosen = dict(zip(names, values, strict=True))
             strength = float(chosen.pop(strength_axis)) if strength_axis else 0.0
             for seed in grid["seeds"]:
-                runs.append(Run(method, strength, seed, tuple(chosen.items())))
-    return runs
+                run = Run(method, strength, seed, tuple(chosen.items()))
+                if run.id in runs:
+                    raise ValueError(f"{key}: run {run.id} is already in an earlier entry")
+                runs[run.id] = run
+    return list(runs.values())
 
 
 def parse_run_id(run_id: str) -> Run:

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from didr.backbones.base import Denoiser
     from didr.config import AlignParams, PolicyParams
-    from didr.diffusion import UniformTime
+    from didr.objectives.common import TimeSampler
+    from didr.objectives.didr import Damping
     from didr.rewards.base import Reward
 
 
@@ -52,11 +53,17 @@ class ObjectiveInputs:
     checkpoint: bool = False
 
     @property
-    def times(self) -> UniformTime:
-        """The noise times the integral KL samples: U[align.t_min, align.t_max_sampling]."""
-        from didr.diffusion import UniformTime
+    def times(self) -> TimeSampler:
+        """The noise times the integral KL samples on [align.t_min, align.t_max_sampling]: align.time_sampling."""
+        from didr.diffusion import time_sampler
 
-        return UniformTime(self.align.t_min, self.align.t_max_sampling)
+        return time_sampler(self.align.time_sampling, t_min=self.align.t_min, t_max=self.align.t_max_sampling)
+
+    def drs_damping(self) -> Damping | None:
+        """DIDR's gamma(t) from align.drs_gamma (§5.5), or None for no damping."""
+        from didr.objectives.didr import signal_damping
+
+        return signal_damping(self.teacher.schedule, self.align.drs_gamma) if self.align.drs_gamma else None
 
     def matching(self) -> dict[str, Any]:
         """The keyword arguments of a distribution-matching objective: teacher, fake score, times, teacher CFG."""
@@ -135,11 +142,13 @@ class Method:
         return getattr(importlib.import_module(module), name)
 
     def schema(self) -> dict[str, Any]:
-        """This method's entry of the schema's grid.methods: the align axes, plus its strength axis (required)."""
+        """This method's entry of the schema's grid.methods: the align axes, plus its strength axis (required), or a
+        list of such entries."""
         entry: dict[str, Any] = {"$ref": "#/$defs/align_axes"}
         if self.strength is not None:
             entry |= {"properties": {self.strength.axis: self.strength.schema()}, "required": [self.strength.axis]}
-        return entry | {"unevaluatedProperties": False}
+        entry |= {"unevaluatedProperties": False}
+        return {"oneOf": [entry, {"type": "array", "minItems": 1, "items": entry}]}
 
 
 METHODS: dict[str, Method] = {
@@ -155,6 +164,7 @@ METHODS: dict[str, Method] = {
                 "drs": i.align.drs,
                 "drs_steps": i.align.drs_steps,
                 "t_max": i.align.drs_t_max,
+                "gamma": i.drs_damping(),
                 "checkpoint": i.checkpoint,
             },
             strength=Strength("beta", "beta", "temperature of the tilt (smaller is stronger)", positive=True),

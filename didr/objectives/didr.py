@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from didr.backbones.base import Conditioning, Denoiser
-from didr.diffusion import UniformTime, expand_like
+from didr.diffusion import Schedule, UniformTime, expand_like
 from didr.objectives.common import (
     TimeSampler,
     check_weighting,
@@ -34,6 +34,17 @@ TIME_BINS = (0.0, 0.5, 1.0)
 toy world's drs_t_max. Finer bins at low t are not reproducible: there x0_psi - x0_ref is a small difference of two
 nearly equal predictions, so its norm moves by 1e-5 relative with the 6e-8 drift of the weights between micro-batch
 splits (tests/test_distributed.py)."""
+
+
+def signal_damping(schedule: Schedule, power: float) -> Damping:
+    """gamma(t) = (a_t^2 / (a_t^2 + s_t^2))^power (§5.5): the signal's share of x_t, so that the DRS fades as the
+    noise takes over (for VP a_t^2 itself; power 0 is no damping)."""
+
+    def gamma(t: Tensor) -> Tensor:
+        a, s = schedule.alpha_sigma(t)
+        return (a**2 / (a**2 + s**2)) ** power
+
+    return gamma
 
 
 def norms_by_time(t: Tensor, shift: Tensor, matching: Tensor, weight: Tensor) -> dict[str, float]:
