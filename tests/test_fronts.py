@@ -5,8 +5,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from didr.evaluation.fronts import band_hypervolume, common_range, compare_fronts, cost_at, method_runs
-from didr.stages.report import matched_reward
+from didr.evaluation.fronts import (
+    band_hypervolume,
+    common_range,
+    compare_fronts,
+    cost_at,
+    front_point,
+    method_runs,
+)
+from didr.stages.report import front_table, matched_reward
 
 
 def runs_table(method, points, seeds=(0,), noise=0.0, rng=None):
@@ -114,3 +121,30 @@ def test_the_report_writes_the_matched_reward_table_figure_and_refusals(tmp_path
     assert (table["seeds_a"] == 3).all()
     assert "- refused: a vs c: the methods' rewards share no range" in text and "b vs c" in text
     assert "gain over the warm start" in text and "| 2.26 | +1.26 |" in text
+
+
+def test_a_methods_grid_entries_are_fronts_of_their_own_compared_with_the_other_methods(tmp_path):
+    """didr's runs with drs=k-step form their own front: each didr front is compared with dmd2, not with each other;
+    the Pareto table groups them the same way."""
+    assert front_point("didr", "beta=0.001/drs=k-step/drs_steps=2/seed=1") == ("didr drs=k-step,drs_steps=2",
+                                                                              "beta=0.001", 1)  # fmt: skip
+    assert front_point("didr", "beta=0.001/seed=2") == ("didr", "beta=0.001", 2)
+    assert front_point("sdpo", "seed=0") == ("sdpo", "", 0)
+    assert front_point("one-step (warm start)", "t_star=0.9") == ("one-step (warm start)", "t_star=0.9", 0)
+    sets = []
+    for setting, points in (("beta={}", A[:3]), ("beta={}/drs=k-step/drs_steps=2", B), ("weight={}", A[:3])):
+        method = "dmd2" if setting.startswith("weight") else "didr"
+        for strength, (reward, cost) in enumerate(points):
+            for seed in range(2):
+                sets.append({"method": method, "setting": f"{setting.format(strength + 1)}/seed={seed}",
+                             "toy_mean": reward, "fid_real": cost, "fid_teacher": cost})  # fmt: skip
+    table = pd.DataFrame(sets)
+    matched_reward(table, ["toy"], tmp_path)
+    pairs = pd.read_csv(tmp_path / "matched_toy.csv")
+    assert set(zip(pairs["method_a"], pairs["method_b"], strict=True)) == {
+        ("didr", "dmd2"), ("didr drs=k-step,drs_steps=2", "dmd2")}  # fmt: skip
+    same = pairs[pairs["method_a"] == "didr"]  # identical fronts: no difference anywhere
+    assert np.abs(same["difference"]).max() == 0.0
+    fronts = front_table(table, "toy")
+    assert sorted(fronts["method"]) == ["didr", "didr drs=k-step,drs_steps=2", "dmd2"]
+    assert fronts.set_index("method").loc["didr drs=k-step,drs_steps=2", "points"] == 6

@@ -59,3 +59,43 @@ def test_overrides_are_typed_like_yaml_and_checked_by_the_schema(tmp_path):
         load_params(path, ["align.drs_t_max=2"])
     with pytest.raises(ConfigError, match=r"expected section\.key=value"):
         load_params(path, ["align.drs_t_max"])
+
+
+def test_a_method_may_list_entries_each_expanded_on_its_own():
+    """One-factor ablations: each entry of a method's list is its own product of axes, not crossed with the others."""
+    grid = {
+        "seeds": [0, 1],
+        "methods": {"didr": [{"beta": [1.0, 0.1]}, {"beta": [0.1], "drs": ["curvature"], "drs_steps": [2]}],
+                    "dmd2": {"weight": [3]}},
+    }  # fmt: skip
+    assert [run.id for run in expand_grid(grid)] == [
+        "method=didr/beta=1/seed=0",
+        "method=didr/beta=1/seed=1",
+        "method=didr/beta=0.1/seed=0",
+        "method=didr/beta=0.1/seed=1",
+        "method=didr/beta=0.1/drs=curvature/drs_steps=2/seed=0",
+        "method=didr/beta=0.1/drs=curvature/drs_steps=2/seed=1",
+        "method=dmd2/weight=3/seed=0",
+        "method=dmd2/weight=3/seed=1",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("methods", "message"),
+    [
+        ("{didr: [{beta: [0.001]}, {beta: [0.001, 0.01]}]}",
+         r"grid\.methods\.didr\[1\]: run method=didr/beta=0\.001/seed=0 is already in an earlier entry"),
+        ("{didr: [{beta: [0.001]}, {beta: [0.001], gamma: [2]}]}", r"grid\.methods\.didr\[1\]\.gamma: unknown key"),
+        ("{didr: {beta: [1], gamma: [2]}}", r"grid\.methods\.didr\.gamma: unknown key \(known: beta\)"),
+        ("{didr: {}}", r"grid\.methods\.didr\.beta: missing"),
+        ("{didr: [{beta: []}]}", r"grid\.methods\.didr\[0\]\.beta: no values"),
+        ("{didr: []}", r"grid\.methods\.didr: no values"),
+        ("{didr: [{beta: [1]}], dmd2: [{weight: [1], time_sampling: [normal]}]}",
+         r"grid\.methods\.dmd2\[0\]\.time_sampling\[0\]: 'normal' is not one of \['uniform', 'logit_normal'\]"),
+    ],
+)  # fmt: skip
+def test_grid_entries_and_lists_of_them_are_checked_in_one_line(tmp_path, methods, message):
+    path = tmp_path / "params.yaml"
+    path.write_text(f"grid:\n  seeds: [0]\n  methods: {methods}\n")
+    with pytest.raises(ConfigError, match=rf"{path}: {message}"):
+        load_params(path)

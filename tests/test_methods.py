@@ -12,7 +12,7 @@ import yaml
 from didr.backbones.gaussian import GaussianDenoiser
 from didr.cli import build_parser
 from didr.config import SCHEMA, AlignParams, PolicyParams
-from didr.diffusion import VPSchedule, cosine_vp_config
+from didr.diffusion import FlowSchedule, LogitNormalTime, VPSchedule, cosine_vp_config
 from didr.grid import Run, expand_grid, parse_run_id
 from didr.methods import (
     METHODS,
@@ -26,6 +26,7 @@ from didr.methods import (
     strength_axes,
 )
 from didr.objectives import DI, DIDR, DMD2, DIPlusPlus, RewardOnly
+from didr.objectives.didr import signal_damping
 from didr.objectives.grpo import GRPO
 from didr.objectives.sdpo import SDPO
 from didr.rewards.analytic import QuadraticReward
@@ -95,6 +96,29 @@ def test_the_factory_builds_each_methods_class_with_its_strength(name):
     if name == "didr":
         assert objective.t_max == 0.7 and objective.estimator.mode == "k-step" and objective.estimator.steps == 3
         assert objective.estimator.checkpoint
+
+
+def test_align_settings_give_didrs_damping_and_every_matching_methods_times():
+    """align.drs_gamma = 2 damps the DRS by abar(t)^2 on VP (a^2 + s^2 = 1); align.time_sampling reaches the matching
+    term of every method, within [t_min, t_max_sampling]."""
+    teacher, fake = models()
+    a = AlignParams(drs_gamma=2.0, time_sampling="logit_normal", t_min=0.05, t_max_sampling=0.9)
+    didr = build_objective("didr", 0.1, teacher, fake, REWARD, a)
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    torch.testing.assert_close(didr.gamma(t), SCHEDULE.abar(t) ** 2, rtol=1e-12, atol=0)
+    assert build_objective("didr", 0.1, teacher, fake, REWARD, AlignParams()).gamma is None  # drs_gamma 0: none
+    for name in ("didr", "dipp", "dmd2", "di"):
+        times = build_objective(name, 0.1, teacher, fake, REWARD, a).time_sampling
+        assert type(times) is LogitNormalTime and (times.t_min, times.t_max) == (0.05, 0.9)
+    drawn = times(4096, torch.Generator().manual_seed(0))
+    assert drawn.min() >= 0.05 and drawn.max() <= 0.9 and abs(drawn.median().item() - 0.5) < 0.03  # sigmoid(N(0, 1))
+
+
+def test_the_damping_on_a_flow_schedule_is_the_signals_share():
+    """Rectified flow, a = 1 - t, s = t: at t = 0.75, a^2 / (a^2 + s^2) = 0.0625 / 0.625 = 0.1."""
+    gamma = signal_damping(FlowSchedule(), 1.0)
+    torch.testing.assert_close(gamma(torch.tensor([0.0, 0.5, 0.75])), torch.tensor([1.0, 0.5, 0.1]))
+    torch.testing.assert_close(signal_damping(FlowSchedule(), 0.5)(torch.tensor([0.75])), torch.tensor([0.1**0.5]))
 
 
 def test_a_new_method_is_one_registry_entry(monkeypatch):

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from didr.evaluation.pareto import pareto_front
+from didr.grid import format_value, parse_run_id
 
 COLUMNS = ("method", "strength", "seed", "reward", "cost")
 
@@ -174,12 +175,33 @@ def split_seed(setting: str) -> tuple[str, int]:
     return "/".join(p for p in parts if p not in seeds), int(seeds[0].removeprefix("seed="))
 
 
+def front_point(method: str, setting: str) -> tuple[str, str, int]:
+    """An aligned set's front, strength and seed from its method and run setting: the align settings a grid entry
+    overrides name a variant of the method with a front of its own ('didr drs=k-step,drs_steps=2'), the strength
+    axis is the front's parameter ('beta=0.001'). A setting that is not a run's: the method, the setting, seed 0."""
+    try:
+        run = parse_run_id(f"method={method}/{setting}")
+    except ValueError:
+        return method, *split_seed(setting)
+    variant = ",".join(f"{key}={format_value(value)}" for key, value in run.overrides)
+    axes = run.axes[: len(run.axes) - len(run.overrides)]
+    strength = "/".join(f"{key}={format_value(value)}" for key, value in axes)
+    return (f"{method} {variant}" if variant else method), strength, run.seed
+
+
+def family(front: str) -> str:
+    """The method of a front ('didr' for 'didr drs=k-step')."""
+    return front.split(" ", 1)[0]
+
+
 def compare_pairs(table: pd.DataFrame, **options: Any) -> tuple[pd.DataFrame, list[str]]:
-    """compare_fronts (with `options`) for each pair of methods a < b of a table with COLUMNS, each pair over its own
+    """compare_fronts (with `options`) for each pair of fronts a < b of a table with COLUMNS from different methods
+    (a method's variants are each compared with the other methods, not with each other), each pair over its own
     common range: a row per pair and reward level (both costs, the difference a - b and both band hypervolumes, each
     with its interval), and a line per pair refused for want of a common range."""
     rows, refused = [], []
-    for a, b in itertools.combinations(sorted(table["method"].unique()), 2):
+    fronts = sorted(table["method"].unique())
+    for a, b in [(a, b) for a, b in itertools.combinations(fronts, 2) if family(a) != family(b)]:
         try:
             result = compare_fronts(table[table["method"].isin([a, b])], **options)
         except ValueError as error:

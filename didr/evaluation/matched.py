@@ -8,35 +8,43 @@ from pathlib import Path
 import matplotlib
 import pandas as pd
 
-from didr.evaluation.fronts import compare_pairs, split_seed
+from didr.evaluation.fronts import compare_pairs, front_point
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 RESAMPLES, LEVELS = 1000, 5
+PANELS_PER_ROW = 4
 
 
 def run_points(sets: pd.DataFrame, reward: str, cost: str) -> pd.DataFrame:
-    """The aligned sets of a metrics table (method, setting, <reward>_mean, <cost>) as fronts.COLUMNS rows: the
-    strength is the setting without its seed."""
-    split = sets["setting"].map(split_seed)
-    return pd.DataFrame({"method": sets["method"], "strength": split.str[0], "seed": split.str[1],
-                         "reward": sets[f"{reward}_mean"], "cost": sets[cost]})  # fmt: skip
+    """The aligned sets of a metrics table (method, setting, <reward>_mean, <cost>) as fronts.COLUMNS rows, a front
+    per method or variant of a method (fronts.front_point)."""
+    points = [front_point(m, s) for m, s in zip(sets["method"], sets["setting"], strict=True)]
+    front, strength, seed = (list(column) for column in zip(*points, strict=True)) if points else ([], [], [])
+    return pd.DataFrame({"method": front, "strength": strength, "seed": seed,
+                         "reward": sets[f"{reward}_mean"].to_numpy(), "cost": sets[cost].to_numpy()})  # fmt: skip
 
 
 def plot_pairs(
     compared: list[tuple[str, pd.DataFrame, pd.DataFrame]], refused: list[str], reward: str, path: Path
 ) -> None:
-    """A row of panels per cost (its name, pairs and run points), a panel per compared pair: each method's cost at
-    matched reward with its interval band over the pair's common range, and every run as a faint point; refused
-    pairs are named above the panels."""
+    """Rows of at most PANELS_PER_ROW panels per cost (its name, pairs and run points), a panel per compared pair:
+    each front's cost at matched reward with its interval band over the pair's common range, and every run as a faint
+    point; refused pairs are named above the panels."""
     first = compared[0][1]
     names = list(dict.fromkeys(zip(first.get("method_a", []), first.get("method_b", []), strict=True)))
-    colours = {m: f"C{i}" for i, m in enumerate(sorted(compared[0][2]["method"].unique()))}  # one colour per method
-    columns = max(1, len(names))
-    fig, axes = plt.subplots(len(compared), columns, figsize=(5 * columns, 4 * len(compared)), squeeze=False)
-    for row, (cost, pairs, points) in zip(axes, compared, strict=True):
-        for ax, (a, b) in zip(row, names, strict=False):
+    colours = {m: f"C{i}" for i, m in enumerate(sorted(compared[0][2]["method"].unique()))}  # one colour per front
+    columns = min(PANELS_PER_ROW, max(1, len(names)))
+    lines = -(-max(1, len(names)) // columns)  # rows of panels per cost
+    fig, axes = plt.subplots(
+        len(compared) * lines, columns, figsize=(5 * columns, 4 * len(compared) * lines), squeeze=False
+    )
+    for k, (cost, pairs, points) in enumerate(compared):
+        panels = axes[k * lines : (k + 1) * lines].ravel()
+        for ax in panels[len(names) :]:
+            ax.axis("off")
+        for ax, (a, b) in zip(panels, names, strict=False):
             rows = pairs[(pairs["method_a"] == a) & (pairs["method_b"] == b)]
             for key, method in (("a", a), ("b", b)):
                 seeds = int(rows[f"seeds_{key}"].iloc[0])

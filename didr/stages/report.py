@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from didr.evaluation.curves import write_curves
+from didr.evaluation.fronts import front_point
 from didr.evaluation.matched import write_matched
 from didr.evaluation.over_training import write_over_training
 from didr.evaluation.pareto import hypervolume, pareto_front
@@ -55,12 +56,19 @@ def with_sample_records(table: pd.DataFrame, sample_dirs: list[Path]) -> pd.Data
                            for key in ("nfe", "step", "final_step")})  # fmt: skip
 
 
+def front_labels(table: pd.DataFrame) -> pd.Series:
+    """Each set's front: its method, or the variant of its method its run's grid entry names (fronts.front_point)."""
+    labels = [front_point(m, s)[0] for m, s in zip(table["method"], table["setting"], strict=True)]
+    return pd.Series(labels, index=table.index, dtype=object)
+
+
 def front_table(table: pd.DataFrame, reward: str, cost: str = "fid_real") -> pd.DataFrame:
     """Per method: its points, its Pareto front and its dominated hypervolume, all against one reference point
     (the worst cost and the worst reward over every set, references included)."""
     reference = (float(table[cost].max()) * 1.05, float(table[f"{reward}_mean"].min()))
     rows = []
-    for method, group in table[~is_reference(table["method"])].groupby("method"):
+    aligned = table[~is_reference(table["method"])]
+    for method, group in aligned.groupby(front_labels(aligned)):
         points = list(zip(group[cost], group[f"{reward}_mean"], strict=True))
         rows.append(
             {
@@ -77,7 +85,8 @@ def front_table(table: pd.DataFrame, reward: str, cost: str = "fid_real") -> pd.
 def plot_front(table: pd.DataFrame, fronts: pd.DataFrame, reward: str, path: Path, cost: str = "fid_real") -> None:
     """Reward against FID: every set as a point, each method's front as a line, references as stars."""
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for method, group in table[~is_reference(table["method"])].groupby("method"):
+    aligned = table[~is_reference(table["method"])]
+    for method, group in aligned.groupby(front_labels(aligned)):
         hv = float(fronts.loc[fronts["method"] == method, "hypervolume"].iloc[0])
         (line,) = ax.plot(group[cost], group[f"{reward}_mean"], "o", label=f"{method} (HV {hv:.3g})")
         front = fronts.loc[fronts["method"] == method, "front"].iloc[0]
