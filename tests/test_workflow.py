@@ -28,6 +28,7 @@ def stage_counts(runs: int) -> dict[str, int]:
         ("presets/embedded-sweep.yaml", 39),
         ("presets/embedded-flow.yaml", 13),
         ("presets/embedded-fewstep.yaml", 6),
+        ("presets/embedded-didr-search.yaml", 42),
     ],
 )
 def test_dry_run_plans_every_stage_of_the_grid(tmp_path, preset, expected):
