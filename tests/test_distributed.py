@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_checkpoint_resume import STEPS, gaussian_run, signal_at, without_times
+from torchrun_script import script_results, torchrun
 
 from didr.training.checkpoint import PREEMPTED_EXIT_CODE, Preempted
 from didr.training.distributed import check_batch, start_processes
@@ -31,13 +32,7 @@ WEIGHT_TOLERANCE, LOG_TOLERANCE = 1e-5, 1e-5
 
 
 def run_script(folder, nproc, *options, timeout=240):
-    """torchrun this file with `nproc` processes on the CPU; the completed process (its output captured)."""
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__,
-        str(folder), *map(str, options),
-    ]  # fmt: skip
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    return torchrun(__file__, folder, nproc, *options, timeout=timeout)
 
 
 def results(result, fake):
@@ -56,11 +51,6 @@ def assert_close_runs(tensors_a, history_a, tensors_b, history_b):
         assert row_a.keys() == row_b.keys()
         for key, value in row_a.items():
             assert row_b[key] == pytest.approx(value, rel=LOG_TOLERANCE, abs=1e-9), key
-
-
-def read_script_results(folder):
-    history = json.loads((Path(folder) / "history.json").read_text())
-    return load_file(Path(folder) / "result.safetensors"), history
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +96,7 @@ def test_one_process_preempted_then_resumed_on_two(tmp_path, one_process):
         gaussian_run(tmp_path, on_step=signal_at(6))
     done = run_script(tmp_path, 2, "--accumulation", 2)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    assert_close_runs(*one_process, *read_script_results(tmp_path))
+    assert_close_runs(*one_process, *script_results(tmp_path))
 
 
 @pytest.mark.integration

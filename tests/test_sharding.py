@@ -13,17 +13,17 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig, inject_adapter_in_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from test_checkpoint_resume import EVERY, SCHEDULE, STEPS, TIMES, never, signal_at, without_times
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torchrun_script import script_results, torchrun
 
 from didr.backbones.gaussian import GaussianDenoiser
 from didr.objectives import DIDR, FakeScoreLoss
@@ -87,17 +87,7 @@ def sharding_run(folder, lora=False, strategy="fsdp", processes=None, **kwargs):
 
 
 def run_script(folder, nproc, *options, timeout=120):
-    """torchrun this file with `nproc` processes on the CPU; the completed process (its output captured)."""
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__,
-        str(folder), *map(str, options),
-    ]  # fmt: skip
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def script_results(folder):
-    return load_file(Path(folder) / "result.safetensors"), json.loads((Path(folder) / "history.json").read_text())
+    return torchrun(__file__, folder, nproc, *options, timeout=timeout)
 
 
 def assert_close_runs(run_a, run_b):
