@@ -29,6 +29,7 @@ def stage_counts(runs: int) -> dict[str, int]:
         ("presets/embedded-flow.yaml", 13),
         ("presets/embedded-fewstep.yaml", 6),
         ("presets/embedded-didr-search.yaml", 42),
+        ("presets/embedded-fronts.yaml", 60),
     ],
 )
 def test_dry_run_plans_every_stage_of_the_grid(tmp_path, preset, expected):
