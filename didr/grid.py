@@ -106,3 +106,14 @@ def parse_value(text: str) -> float | int | str:
         except ValueError:
             pass
     return text
+
+
+def front_point(method: str, setting: str) -> tuple[str, str, int]:
+    """A grid run's front, its strength on that front and its seed, from the method and the run setting its
+    params.json records: the align settings a grid entry overrides name a variant of the method with a front of its
+    own ('didr drs=k-step,drs_steps=2'), the strength axis is the front's parameter ('beta=0.001'). ValueError for a
+    set that is no grid run's (the teacher, a warm start)."""
+    run = parse_run_id(f"method={method}/{setting}")
+    variant = ",".join(f"{key}={format_value(value)}" for key, value in run.overrides)
+    strength = "/".join(f"{key}={format_value(value)}" for key, value in run.axes[: len(run.axes) - len(run.overrides)])
+    return (f"{method} {variant}" if variant else method), strength, run.seed

@@ -10,10 +10,10 @@ from didr.evaluation.fronts import (
     common_range,
     compare_fronts,
     cost_at,
-    front_point,
     method_runs,
 )
-from didr.stages.report import front_table, matched_reward
+from didr.grid import front_point
+from didr.stages.report import front_table, matched_reward, set_front
 
 
 def runs_table(method, points, seeds=(0,), noise=0.0, rng=None):
@@ -130,7 +130,10 @@ def test_a_methods_grid_entries_are_fronts_of_their_own_compared_with_the_other_
                                                                               "beta=0.001", 1)  # fmt: skip
     assert front_point("didr", "beta=0.001/seed=2") == ("didr", "beta=0.001", 2)
     assert front_point("sdpo", "seed=0") == ("sdpo", "", 0)
-    assert front_point("one-step (warm start)", "t_star=0.9") == ("one-step (warm start)", "t_star=0.9", 0)
+    with pytest.raises(ValueError, match="expected method=<m>/<axis>=<value>"):
+        front_point("one-step (warm start)", "t_star=0.9")
+    assert set_front("one-step (warm start)", "t_star=0.9") == ("one-step (warm start)", "t_star=0.9", 0)
+    assert set_front("a", "x=1/seed=2") == ("a", "x=1", 2)
     sets = []
     for setting, points in (("beta={}", A[:3]), ("beta={}/drs=k-step/drs_steps=2", B), ("weight={}", A[:3])):
         method = "dmd2" if setting.startswith("weight") else "didr"

@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 
 from didr.evaluation.pareto import pareto_front
-from didr.grid import format_value, parse_run_id
 
 COLUMNS = ("method", "strength", "seed", "reward", "cost")
 
@@ -173,20 +172,6 @@ def split_seed(setting: str) -> tuple[str, int]:
     if len(seeds) != 1:
         return setting, 0
     return "/".join(p for p in parts if p not in seeds), int(seeds[0].removeprefix("seed="))
-
-
-def front_point(method: str, setting: str) -> tuple[str, str, int]:
-    """An aligned set's front, strength and seed from its method and run setting: the align settings a grid entry
-    overrides name a variant of the method with a front of its own ('didr drs=k-step,drs_steps=2'), the strength
-    axis is the front's parameter ('beta=0.001'). A setting that is not a run's: the method, the setting, seed 0."""
-    try:
-        run = parse_run_id(f"method={method}/{setting}")
-    except ValueError:
-        return method, *split_seed(setting)
-    variant = ",".join(f"{key}={format_value(value)}" for key, value in run.overrides)
-    axes = run.axes[: len(run.axes) - len(run.overrides)]
-    strength = "/".join(f"{key}={format_value(value)}" for key, value in axes)
-    return (f"{method} {variant}" if variant else method), strength, run.seed
 
 
 def family(front: str) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import matplotlib
 import pandas as pd
 
-from didr.evaluation.fronts import compare_pairs, front_point
+from didr.evaluation.fronts import compare_pairs
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -18,12 +18,10 @@ PANELS_PER_ROW = 4
 
 
 def run_points(sets: pd.DataFrame, reward: str, cost: str) -> pd.DataFrame:
-    """The aligned sets of a metrics table (method, setting, <reward>_mean, <cost>) as fronts.COLUMNS rows, a front
-    per method or variant of a method (fronts.front_point)."""
-    points = [front_point(m, s) for m, s in zip(sets["method"], sets["setting"], strict=True)]
-    front, strength, seed = (list(column) for column in zip(*points, strict=True)) if points else ([], [], [])
-    return pd.DataFrame({"method": front, "strength": strength, "seed": seed,
-                         "reward": sets[f"{reward}_mean"].to_numpy(), "cost": sets[cost].to_numpy()})  # fmt: skip
+    """The aligned sets of a metrics table (front, front_strength, seed, <reward>_mean, <cost>: the report stage
+    names each set's front, didr.grid.front_point) as fronts.COLUMNS rows."""
+    return pd.DataFrame({"method": sets["front"], "strength": sets["front_strength"], "seed": sets["seed"],
+                         "reward": sets[f"{reward}_mean"], "cost": sets[cost]})  # fmt: skip
 
 
 def plot_pairs(

@@ -14,11 +14,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from didr.evaluation.curves import write_curves
-from didr.evaluation.fronts import front_point
+from didr.evaluation.fronts import split_seed
 from didr.evaluation.matched import write_matched
 from didr.evaluation.over_training import write_over_training
 from didr.evaluation.pareto import hypervolume, pareto_front
 from didr.evaluation.sampling import image_grid
+from didr.grid import front_point
 from didr.stages.common import read_run_params
 from didr.stages.io import StageInputError, write_text_atomic
 from didr.stages.score import load_images
@@ -56,10 +57,21 @@ def with_sample_records(table: pd.DataFrame, sample_dirs: list[Path]) -> pd.Data
                            for key in ("nfe", "step", "final_step")})  # fmt: skip
 
 
-def front_labels(table: pd.DataFrame) -> pd.Series:
-    """Each set's front: its method, or the variant of its method its run's grid entry names (fronts.front_point)."""
-    labels = [front_point(m, s)[0] for m, s in zip(table["method"], table["setting"], strict=True)]
-    return pd.Series(labels, index=table.index, dtype=object)
+def set_front(method: str, setting: str) -> tuple[str, str, int]:
+    """A set's front, strength and seed: a grid run's by didr.grid.front_point, another set's (no grid run id) its
+    method and its setting without the seed."""
+    try:
+        return front_point(method, setting)
+    except ValueError:
+        return method, *split_seed(setting)
+
+
+def with_fronts(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with each set's `front` (its method, or the variant of its method its grid entry names), its
+    `front_strength` and `seed` (set_front)."""
+    points = [set_front(m, s) for m, s in zip(table["method"], table["setting"], strict=True)]
+    columns = ("front", "front_strength", "seed")
+    return table.assign(**{c: [p[i] for p in points] for i, c in enumerate(columns)})
 
 
 def front_table(table: pd.DataFrame, reward: str, cost: str = "fid_real") -> pd.DataFrame:
@@ -67,8 +79,7 @@ def front_table(table: pd.DataFrame, reward: str, cost: str = "fid_real") -> pd.
     (the worst cost and the worst reward over every set, references included)."""
     reference = (float(table[cost].max()) * 1.05, float(table[f"{reward}_mean"].min()))
     rows = []
-    aligned = table[~is_reference(table["method"])]
-    for method, group in aligned.groupby(front_labels(aligned)):
+    for method, group in with_fronts(table[~is_reference(table["method"])]).groupby("front"):
         points = list(zip(group[cost], group[f"{reward}_mean"], strict=True))
         rows.append(
             {
@@ -85,8 +96,7 @@ def front_table(table: pd.DataFrame, reward: str, cost: str = "fid_real") -> pd.
 def plot_front(table: pd.DataFrame, fronts: pd.DataFrame, reward: str, path: Path, cost: str = "fid_real") -> None:
     """Reward against FID: every set as a point, each method's front as a line, references as stars."""
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    aligned = table[~is_reference(table["method"])]
-    for method, group in aligned.groupby(front_labels(aligned)):
+    for method, group in with_fronts(table[~is_reference(table["method"])]).groupby("front"):
         hv = float(fronts.loc[fronts["method"] == method, "hypervolume"].iloc[0])
         (line,) = ax.plot(group[cost], group[f"{reward}_mean"], "o", label=f"{method} (HV {hv:.3g})")
         front = fronts.loc[fronts["method"] == method, "front"].iloc[0]
@@ -156,7 +166,8 @@ def matched_reward(
     sections = []
     for reward in rewards:
         baseline = float(warm[f"{reward}_mean"].iloc[0]) if len(warm) else None
-        sections.append(write_matched(table[~is_reference(table["method"])], reward, folder, references, baseline))
+        aligned = with_fronts(table[~is_reference(table["method"])])
+        sections.append(write_matched(aligned, reward, folder, references, baseline))
     return "# Fronts at matched reward\n\n" + "\n".join(sections)
 
 
