@@ -418,8 +418,10 @@ def _grid_problem(data: dict[str, Any]) -> str | None:
     """Two entries of a method's list naming the same run."""
     from didr.grid import expand_grid
 
+    if "grid" not in data:
+        return None
     try:
-        expand_grid(data["grid"]) if "grid" in data else None
+        expand_grid(data["grid"])
     except ValueError as error:
         return str(error)
     return None

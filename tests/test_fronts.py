@@ -13,7 +13,7 @@ from didr.evaluation.fronts import (
     method_runs,
 )
 from didr.grid import front_point
-from didr.stages.report import front_table, matched_reward, set_front
+from didr.stages.report import front_table, matched_reward, set_front, with_fronts
 
 
 def runs_table(method, points, seeds=(0,), noise=0.0, rng=None):
@@ -106,7 +106,7 @@ def test_the_report_writes_the_matched_reward_table_figure_and_refusals(tmp_path
                              "fid_real": cost, "fid_teacher": cost / 2})  # fmt: skip
     sets.append({"method": "one-step (warm start)", "setting": "t_star=0.9", "toy_mean": 1.0, "fid_real": 120.0,
                  "fid_teacher": 60.0})  # fmt: skip
-    text = matched_reward(pd.DataFrame(sets), ["toy"], tmp_path)
+    text = matched_reward(with_fronts(pd.DataFrame(sets)), ["toy"], tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {"matched_toy.csv", "matched_toy.png"}
     both = pd.read_csv(tmp_path / "matched_toy.csv")
     assert list(both["cost"].unique()) == ["fid_real", "fid_teacher"]  # FID to real renders and to the teacher
@@ -141,7 +141,7 @@ def test_a_methods_grid_entries_are_fronts_of_their_own_compared_with_the_other_
             for seed in range(2):
                 sets.append({"method": method, "setting": f"{setting.format(strength + 1)}/seed={seed}",
                              "toy_mean": reward, "fid_real": cost, "fid_teacher": cost})  # fmt: skip
-    table = pd.DataFrame(sets)
+    table = with_fronts(pd.DataFrame(sets))
     matched_reward(table, ["toy"], tmp_path)
     pairs = pd.read_csv(tmp_path / "matched_toy.csv")
     assert set(zip(pairs["method_a"], pairs["method_b"], strict=True)) == {

@@ -75,11 +75,11 @@ def with_fronts(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def front_table(table: pd.DataFrame, reward: str, cost: str = "fid_real") -> pd.DataFrame:
-    """Per method: its points, its Pareto front and its dominated hypervolume, all against one reference point
-    (the worst cost and the worst reward over every set, references included)."""
+    """Per front (the `front` column, with_fronts): its points, its Pareto front and its dominated hypervolume, all
+    against one reference point (the worst cost and the worst reward over every set, references included)."""
     reference = (float(table[cost].max()) * 1.05, float(table[f"{reward}_mean"].min()))
     rows = []
-    for method, group in with_fronts(table[~is_reference(table["method"])]).groupby("front"):
+    for method, group in table[~is_reference(table["method"])].groupby("front"):
         points = list(zip(group[cost], group[f"{reward}_mean"], strict=True))
         rows.append(
             {
@@ -94,9 +94,9 @@ def front_table(table: pd.DataFrame, reward: str, cost: str = "fid_real") -> pd.
 
 
 def plot_front(table: pd.DataFrame, fronts: pd.DataFrame, reward: str, path: Path, cost: str = "fid_real") -> None:
-    """Reward against FID: every set as a point, each method's front as a line, references as stars."""
+    """Reward against FID: every set as a point, each front (the `front` column) as a line, references as stars."""
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for method, group in with_fronts(table[~is_reference(table["method"])]).groupby("front"):
+    for method, group in table[~is_reference(table["method"])].groupby("front"):
         hv = float(fronts.loc[fronts["method"] == method, "hypervolume"].iloc[0])
         (line,) = ax.plot(group[cost], group[f"{reward}_mean"], "o", label=f"{method} (HV {hv:.3g})")
         front = fronts.loc[fronts["method"] == method, "front"].iloc[0]
@@ -158,7 +158,8 @@ def grid_figure(sample_dirs: list[Path], path: Path, columns: int = 12) -> None:
 def matched_reward(
     table: pd.DataFrame, rewards: list[str], folder: Path, costs: tuple[str, ...] = ("fid_real", "fid_teacher")
 ) -> str:
-    """Per reward, folder/matched_<reward>.{csv,png}: the aligned methods' fidelity (each of `costs` the table has:
+    """Per reward, folder/matched_<reward>.{csv,png}: the aligned fronts' fidelity (a table with_fronts; each of
+    `costs` the table has:
     FID to real renders, FID to the teacher's samples) at matched reward over seeds (didr/evaluation/matched.py);
     returns matched.md, whose gains are over the one-step warm start when it is scored."""
     references = {cost: float(table[cost].max()) * 1.05 for cost in costs if cost in table}  # front_table's point
@@ -166,8 +167,7 @@ def matched_reward(
     sections = []
     for reward in rewards:
         baseline = float(warm[f"{reward}_mean"].iloc[0]) if len(warm) else None
-        aligned = with_fronts(table[~is_reference(table["method"])])
-        sections.append(write_matched(aligned, reward, folder, references, baseline))
+        sections.append(write_matched(table[~is_reference(table["method"])], reward, folder, references, baseline))
     return "# Fronts at matched reward\n\n" + "\n".join(sections)
 
 
@@ -181,7 +181,7 @@ def run_report(
     out/over_training.md: reward and fidelity against step (didr/evaluation/over_training.py)."""
     scored = with_sample_records(collect(score_dirs), sample_dirs)
     final = scored["step"].isna()
-    table = scored[final].drop(columns=["step", "final_step"]).reset_index(drop=True)
+    table = with_fronts(scored[final].drop(columns=["step", "final_step"]).reset_index(drop=True))
     snapshots = set(scored.loc[~final, "sample_dir"])
     final_dirs = [folder for folder in sample_dirs if str(folder) not in snapshots]
     for folder in run_dirs:
